@@ -1,0 +1,5 @@
+import sys
+
+from manidp.cli import main
+
+sys.exit(main())

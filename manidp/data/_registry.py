@@ -1,0 +1,39 @@
+"""Dataset registry and the split contract every dataset honours."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from manidp._registry import Registry
+
+DATASETS: Registry[Callable[..., "Splits"]] = Registry("dataset")
+register_dataset = DATASETS.register
+
+
+@dataclass
+class Splits:
+    """Train / validation / test splits of one dataset.
+
+    ``val`` is carved deterministically from the training data and is the only
+    split model selection or calibration may use; ``test`` is only evaluated.
+    ``severity`` maps a split name to a per-sample difficulty tensor aligned with
+    that split's indices, for datasets that have one (digits-c).
+    """
+
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    input_size: tuple[int, int, int]
+    severity: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def build_dataset(name: str, data_cfg: Optional[dict] = None, seed: int = 0) -> Splits:
+    """Build dataset ``name``; ``data_cfg`` is the config's ``data`` section."""
+    builder = DATASETS.get(name)
+    return builder(data_cfg or {}, seed=seed)

@@ -1,0 +1,87 @@
+"""Backbones: timm's registry is the one backbone registry.
+
+Importing this package registers the CIFAR ResNets into timm. Any timm model
+name works; :data:`BENCHMARK_BACKBONES` are the ones this benchmark tests.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+import torch.nn as nn
+
+from manidp.errors import UserError
+from manidp.models import cifar_resnet  # noqa: F401  (registers into timm)
+
+__all__ = ["BENCHMARK_BACKBONES", "build_backbone", "load_state_file"]
+
+BENCHMARK_BACKBONES = (
+    "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110",
+    "resnet18", "resnet34", "resnet50", "mobilenetv2_100",
+)
+
+
+def load_state_file(path: str | Path) -> dict:
+    """Read a checkpoint file; corrupt or foreign files raise one clear UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise UserError(
+            f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(err).__name__}: {err}); "
+            "delete it to start over, or point to a good file"
+        ) from None
+
+
+def _state_dict_of(obj, path) -> dict:
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"checkpoint {path} holds no model state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def build_backbone(
+    name: str, num_classes: int, in_chans: int = 3, pretrained: Optional[str] = None
+) -> nn.Module:
+    """Create ``name`` from timm; ``pretrained`` is None, "hub" or a local checkpoint file."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(
+            f"unknown backbone '{name}'{hint}; benchmark backbones: {', '.join(BENCHMARK_BACKBONES)}; "
+            "any name from timm.list_models() also works"
+        )
+    if pretrained == "hub":
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+        except Exception as err:
+            raise UserError(
+                f"could not load timm hub weights for '{name}' ({type(err).__name__}: {str(err)[:200]}); "
+                "without network, download the weights elsewhere and set 'pretrained' to the local file"
+            ) from None
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    if pretrained:
+        state = _state_dict_of(load_state_file(pretrained), pretrained)
+        own = model.state_dict()
+        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        classifier = model.get_classifier()
+        head = {f"{n}.{p}" for n, m in model.named_modules() if m is classifier for p, _ in m.named_parameters()}
+        if set(mismatched) - head:
+            raise UserError(f"checkpoint {pretrained} does not fit backbone '{name}': shapes differ at {mismatched[:3]}")
+        for k in mismatched:  # a new number of classes: keep the fresh classifier
+            state.pop(k)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if set(missing) - head or unexpected:
+            raise UserError(
+                f"checkpoint {pretrained} does not fit backbone '{name}': "
+                f"missing {sorted(set(missing) - head)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
+    return model
