@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 from manidp.errors import UserError
 
-__all__ = ["resolve_uri", "init_store", "RunTracker", "import_run", "flatten"]
+__all__ = ["resolve_uri", "init_store", "RunTracker", "import_run", "flatten", "parent_run", "log_summary"]
 
 DEFAULT_DB = Path("results") / "mlflow.db"
 _STATE_FILE = "tracking.json"
@@ -42,8 +43,22 @@ def _quiet_mlflow():
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def _check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Fail fast on a dead HTTP server (MLflow's own retries take minutes)."""
+    from urllib.parse import urlparse
+    import socket
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    with socket.create_connection((parsed.hostname, port), timeout=timeout):
+        pass
+
+
 def _client(uri: str):
     _quiet_mlflow()
+    _check_reachable(uri)
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("sqlite:///"):
@@ -188,3 +203,57 @@ def import_run(run_dir: str | Path, uri: Optional[str] = None) -> str:
     tracker.log_metrics(json.loads(metrics_file.read_text()))
     tracker.finish([metrics_file, run_dir / "config.yaml"])
     return tracker.run_id
+
+
+# ---------------------------------------------------------------- workflow grouping
+def _find_or_create_run(uri: Optional[str], experiment: str, tags: dict[str, str], name: str):
+    """(client, run id) of the run carrying ``tags``; created once, found again on re-runs."""
+    uri = resolve_uri(uri)
+    try:
+        client = _client(uri)
+        exp_id = _experiment_id(client, experiment)
+        query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+        found = client.search_runs([exp_id], filter_string=query, max_results=1,
+                                   order_by=["attributes.start_time ASC"])
+        if found:
+            return client, found[0].info.run_id
+        run = client.create_run(exp_id, tags=tags, run_name=name)
+        client.set_terminated(run.info.run_id, status="FINISHED")
+        return client, run.info.run_id
+    except Exception as err:
+        raise UserError(f"cannot use the MLflow store at {uri}: {type(err).__name__}: {str(err)[:300]}") from None
+
+
+def parent_run(dataset: str, backbone: str, uri: Optional[str] = None, experiment: Optional[str] = None) -> str:
+    """The run that groups one (dataset, backbone)'s training runs (their ``tracking.parent_run_id``).
+
+    Looked up by tags first, so re-creating it (a deleted marker file, a second
+    workflow run) reuses the same parent instead of adding a twin.
+    """
+    tags = {"role": "parent", "dataset": dataset, "backbone": backbone}
+    return _find_or_create_run(uri, experiment or dataset, tags, f"{dataset}/{backbone}")[1]
+
+
+def log_summary(dataset: str, artifacts: list, run_metrics: dict, uri: Optional[str] = None,
+                experiment: Optional[str] = None) -> str:
+    """The dataset's summary run, holding ``artifacts`` (tables, plots); returns its id.
+
+    ``run_metrics`` maps a run folder to metrics measured after its training
+    (latency per hardware profile); they are added to that folder's own run.
+    """
+    client, run_id = _find_or_create_run(uri, experiment or dataset, {"role": "summary", "dataset": dataset},
+                                         f"{dataset}/summary")
+    from mlflow.entities import Metric
+
+    try:
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+        for run_dir, metrics in run_metrics.items():
+            state_file = Path(run_dir) / _STATE_FILE
+            if metrics and state_file.is_file():
+                now = int(time.time() * 1000)
+                client.log_batch(json.loads(state_file.read_text())["run_id"],
+                                 metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    except Exception as err:
+        raise UserError(f"cannot log the {dataset} summary to MLflow: {type(err).__name__}: {str(err)[:300]}") from None
+    return run_id

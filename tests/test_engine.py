@@ -1,0 +1,137 @@
+"""The training engine: outputs, resume after a kill, determinism, DDP, NaN stop."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import manidp_cli, small_run_config
+from manidp.engine import TrainingDiverged, load_model, train
+
+METRIC_FIELDS = {"test_top1", "test_top5", "val_top1", "macs", "macs_dense", "macs_reduction", "params",
+                 "wall_time_s", "config", "seed", "versions", "method_info", "epochs_trained"}
+
+
+def test_dense_run_writes_every_output(dense_run):
+    metrics = json.loads((dense_run / "metrics.json").read_text())
+    assert METRIC_FIELDS <= set(metrics)
+    assert metrics["macs_reduction"] == 0 and metrics["macs"] == metrics["macs_dense"]
+    assert metrics["test_top1"] > 30  # well above chance (10 %) after two short epochs
+    history = [json.loads(line) for line in (dense_run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1]
+    instances = pd.read_csv(dense_run / "instances_test.csv")
+    assert {"index", "label", "prediction", "loss", "macs", "severity"} <= set(instances.columns)
+    assert len(instances) == metrics["test_instances"]
+    assert yaml.safe_load((dense_run / "config.yaml").read_text())["method"] == "dense"
+
+
+def test_rerunning_a_finished_run_does_nothing(dense_run, data_cache, capsys):
+    before = (dense_run / "metrics.json").stat().st_mtime_ns
+    train(small_run_config(dense_run, data_cache))
+    assert "already finished" in capsys.readouterr().out
+    assert (dense_run / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_saved_model_reloads_and_matches_metrics(dense_run):
+    from manidp.engine import evaluate_run
+
+    model, method, cfg, _ = load_model(dense_run)
+    assert method.name == "dense" and not model.training
+    summary = evaluate_run(dense_run, "test", out_file=dense_run.parent / "re-eval.csv")
+    metrics = json.loads((dense_run / "metrics.json").read_text())
+    assert summary["test_top1"] == pytest.approx(metrics["test_top1"])
+
+
+def _train_command(out: Path, cache: Path, epochs: int) -> list[str]:
+    return manidp_cli("train", "--out", str(out), "--epochs", str(epochs), "--threads", "1",
+                      "--set", "train.batch_size=64", "--set", "data.max_train=512", "--set", "data.max_eval=128",
+                      "--set", f"data.cache_dir={cache}", "--set", "runtime.progress=log",
+                      "--set", f"tracking.uri=sqlite:///{out.parent / 'mlflow.db'}")
+
+
+def test_killed_run_resumes_from_checkpoint_and_continues_its_mlflow_run(tmp_path, data_cache):
+    subprocess.run(manidp_cli("tracking", "init", "--uri", f"sqlite:///{tmp_path / 'mlflow.db'}"), check=True)
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(_train_command(reference, data_cache, 3), check=True, capture_output=True)
+
+    proc = subprocess.Popen(_train_command(killed, data_cache, 3), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists(), "killed before the end"
+    run_id = json.loads((killed / "tracking.json").read_text())["run_id"]
+
+    result = subprocess.run(_train_command(killed, data_cache, 3), capture_output=True, text=True, check=True)
+    assert "resuming after epoch" in result.stdout
+    assert json.loads((killed / "tracking.json").read_text())["run_id"] == run_id
+    history = [json.loads(line) for line in (killed / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    # CPU training is deterministic for a fixed seed, so resuming changes nothing.
+    got = json.loads((killed / "metrics.json").read_text())
+    want = json.loads((reference / "metrics.json").read_text())
+    assert got["test_top1"] == pytest.approx(want["test_top1"])
+    assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-5)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("digits-c").experiment_id])
+    assert len(runs) == 2  # one per run folder: the resumed run was not duplicated
+    resumed = client.get_run(run_id)
+    assert resumed.info.status == "FINISHED" and "test_top1" in resumed.data.metrics
+
+
+def test_corrupt_checkpoint_is_reported_not_traceback(tmp_path, data_cache):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"\x00garbage")
+    result = subprocess.run(_train_command(out, data_cache, 1), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_nan_loss_stops_with_epoch_and_step(tmp_path, data_cache):
+    cfg = small_run_config(tmp_path / "nan", data_cache, **{"train.lr": 1e30, "train.epochs": 2})
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss .* at epoch 1, step \d+"):
+        train(cfg)
+
+
+def test_two_process_ddp_on_cpu_gives_the_same_metrics_shape(tmp_path, data_cache, dense_run):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "manidp", "train", "--out", str(out), "--epochs", "1", "--set", "train.batch_size=32",
+           "--set", "data.max_train=256", "--set", "data.max_eval=128", "--set", f"data.cache_dir={data_cache}",
+           "--set", "tracking.enabled=false", "--set", "runtime.progress=log"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    ddp = json.loads((out / "metrics.json").read_text())
+    single = json.loads((dense_run / "metrics.json").read_text())
+    assert set(ddp) == set(single)
+    # two processes split each epoch: 256 images / (2 x 32) = 4 steps each
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 1
+
+
+@pytest.mark.slow
+def test_default_digits_c_recipe_meets_acceptance(tmp_path, data_cache):
+    """Dense ResNet-20 with the default recipe: 80-95 % test accuracy, falling with severity."""
+    from manidp.config import resolve
+
+    cfg = resolve(flags={"out": str(tmp_path / "full"), "runtime.threads": 2, "data.cache_dir": str(data_cache),
+                         "tracking.enabled": False, "runtime.progress": "log"})
+    metrics = json.loads((train(cfg) / "metrics.json").read_text())
+    assert 80 <= metrics["test_top1"] <= 95
+    by_severity = [metrics["test_top1_by_severity"][str(s)] for s in range(5)]
+    assert by_severity[0] > by_severity[2] > by_severity[4]
