@@ -1,15 +1,25 @@
 """The console command: listings, and one clear message (exit 2, no traceback) per mistake."""
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-from conftest import manidp_cli
+from manidp.cli import main
 
 
-def _run(*args, env=None):
-    return subprocess.run(manidp_cli(*args), capture_output=True, text=True, env=env)
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _run(*args):
+    """Run the console entry point in-process (an escaping exception fails the test)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return _Result(code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("listing,expected", [("datasets", "digits-c"), ("backbones", "cifar_resnet20"),
