@@ -40,8 +40,9 @@ def merge(base: dict, override: dict, path: str = "", strict: bool = True) -> di
         where = f"{path}{key}"
         if strict and key not in base:
             raise UserError(f"unknown config key '{where}'; valid keys here: {', '.join(sorted(base))}")
-        if isinstance(out.get(key), dict) and isinstance(value, dict) and key not in _FREE_FORM:
-            out[key] = merge(out[key], value, where + ".", strict)
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
+            # free-form sections take any key, but several layers (--set a.x, --set a.y) still add up
+            out[key] = merge(out[key], value, where + ".", strict and key not in _FREE_FORM)
         else:
             out[key] = copy.deepcopy(value)
     return out

@@ -1,0 +1,257 @@
+"""Dataset builders: digits-c generation, caching and splits; CIFAR / ImageNet errors.
+
+Every test passes its own ``cache_dir`` so nothing touches ``~/.cache``.
+"""
+from __future__ import annotations
+
+import pickle
+import urllib.error
+
+import numpy as np
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.datasets import load_digits
+from torch.utils.data import TensorDataset
+from torchvision import datasets
+
+from manidp.data import DATASETS, build_dataset
+from manidp.data import digits_c
+from manidp.errors import UserError
+
+SPLITS = ("train", "val", "test")
+EXPECTED_SIZES = {"train": 5172, "val": 576, "test": 1440}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("digits_cache")
+
+
+@pytest.fixture(scope="module")
+def digits(cache_dir):
+    return build_dataset("digits-c", {"cache_dir": str(cache_dir)})
+
+
+@pytest.fixture(scope="module")
+def raw(cache_dir, digits):
+    data, _, hit = digits_c.digits_c_tensors({"cache_dir": str(cache_dir)})
+    assert hit
+    return data
+
+
+def _tensors(splits):
+    return {s: getattr(splits, s).tensors + (splits.severity[s],) for s in SPLITS}
+
+
+def _assert_same(a, b):
+    for s in SPLITS:
+        for x, y in zip(_tensors(a)[s], _tensors(b)[s]):
+            assert torch.equal(x, y)
+
+
+def test_registry_lists_all_datasets():
+    assert DATASETS.names() == ["cifar10", "cifar100", "digits-c", "imagenet"]
+
+
+def test_unknown_dataset_lists_valid_names():
+    with pytest.raises(UserError, match="unknown dataset 'mnist'") as err:
+        build_dataset("mnist", {})
+    for name in DATASETS.names():
+        assert name in str(err.value)
+
+
+def test_digits_c_shapes_and_dtypes(digits):
+    assert digits.name == "digits-c"
+    assert digits.num_classes == 10 and digits.input_size == (1, 16, 16)
+    assert digits.info["sizes"] == EXPECTED_SIZES
+    assert digits.info["source_digits"] == {"train": 1293, "val": 144, "test": 360}
+    for s in SPLITS:
+        ds = getattr(digits, s)
+        images, labels = ds.tensors
+        assert isinstance(ds, TensorDataset)
+        assert images.shape == (EXPECTED_SIZES[s], 1, 16, 16) and images.dtype == torch.float32
+        assert labels.dtype == torch.int64 and set(labels.unique().tolist()) == set(range(10))
+        assert digits.severity[s].dtype == torch.int64 and len(digits.severity[s]) == len(ds)
+        image, label = ds[0]
+        assert image.shape == (1, 16, 16) and label.dtype == torch.int64
+    train = digits.train.tensors[0]
+    assert abs(train.mean().item()) < 1e-4 and abs(train.std().item() - 1) < 1e-4
+
+
+def test_digits_c_severities_cover_every_level(digits):
+    for s in SPLITS:
+        assert set(digits.severity[s].unique().tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_digits_c_severity_zero_is_the_clean_digit(digits, raw):
+    clean = torch.tensor(load_digits().images, dtype=torch.float32).div(16).unsqueeze(1)
+    clean = F.interpolate(clean, size=(16, 16), mode="bilinear", align_corners=False).clamp(0, 1)
+    norm = digits.info["normalization"]
+    expected = (clean[raw["test_source"]] - norm["mean"]) / norm["std"]
+    diff = (raw["test_images"] - expected).abs().flatten(1).amax(1)
+    zero = raw["test_severity"] == 0
+    assert (diff[zero] < 1e-5).all()
+    assert (diff[~zero] > 0.1).all()
+
+
+def test_digits_c_splits_disjoint_by_source_digit(raw):
+    sources = {s: set(raw[f"{s}_source"].tolist()) for s in SPLITS}
+    assert not sources["train"] & sources["val"]
+    assert not sources["train"] & sources["test"]
+    assert not sources["val"] & sources["test"]
+    assert set().union(*sources.values()) == set(range(1797))
+    for s in SPLITS:  # every source digit has exactly its copies in its split
+        assert set(torch.bincount(raw[f"{s}_source"]).unique().tolist()) <= {0, digits_c.COPIES[s]}
+    # test sources are a stratified 20% of each class
+    labels = torch.tensor(load_digits().target)
+    held = torch.tensor(sorted(sources["test"]))
+    frac = torch.bincount(labels[held], minlength=10) / torch.bincount(labels, minlength=10)
+    assert ((frac - 0.2).abs() < 0.01).all()
+
+
+def test_digits_c_deterministic_and_cached(tmp_path, digits):
+    first = build_dataset("digits-c", {"cache_dir": str(tmp_path)})
+    assert first.info["cache_hit"] is False
+    second = build_dataset("digits-c", {"cache_dir": str(tmp_path)}, seed=7)
+    assert second.info["cache_hit"] is True
+    assert [p.name for p in tmp_path.iterdir()] == [first.info["cache_path"].split("/")[-1]]
+    _assert_same(first, second)
+    _assert_same(first, digits)  # regenerated from scratch in another dir: identical
+
+
+def test_digits_c_seed_changes_the_data(tmp_path, digits):
+    other = build_dataset("digits-c", {"cache_dir": str(tmp_path), "digits_c_seed": 1})
+    assert other.info["cache_path"] != digits.info["cache_path"]
+    assert not torch.equal(other.test.tensors[0], digits.test.tensors[0])
+
+
+def test_digits_c_corrupt_cache_is_regenerated(tmp_path, digits):
+    path = tmp_path / digits.info["cache_path"].split("/")[-1]
+    path.write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match="regenerating"):
+        rebuilt = build_dataset("digits-c", {"cache_dir": str(tmp_path)})
+    assert rebuilt.info["cache_hit"] is False
+    _assert_same(rebuilt, digits)
+    assert build_dataset("digits-c", {"cache_dir": str(tmp_path)}).info["cache_hit"] is True
+
+
+def test_digits_c_cache_dir_from_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MANIDP_CACHE", str(tmp_path))
+    splits = build_dataset("digits-c", {"max_train": 4, "max_eval": 4})
+    assert splits.info["cache_path"].startswith(str(tmp_path))
+
+
+def test_max_train_and_max_eval_take_the_first_samples(cache_dir, digits):
+    small = build_dataset("digits-c", {"cache_dir": str(cache_dir), "max_train": 100,
+                                       "max_eval": 30})
+    assert small.info["sizes"] == {"train": 100, "val": 30, "test": 30}
+    for s, n in (("train", 100), ("val", 30), ("test", 30)):
+        assert len(getattr(small, s)) == n and len(small.severity[s]) == n
+        for x, y in zip(_tensors(small)[s], _tensors(digits)[s]):
+            assert torch.equal(x, y[:n])
+    only_train = build_dataset("digits-c", {"cache_dir": str(cache_dir), "max_train": 10})
+    assert len(only_train.train) == 10 and len(only_train.test) == EXPECTED_SIZES["test"]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
+def test_bad_limit_is_a_user_error(cache_dir, bad):
+    with pytest.raises(UserError, match="data.max_eval"):
+        build_dataset("digits-c", {"cache_dir": str(cache_dir), "max_eval": bad})
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_missing_files_names_root_and_download(tmp_path, name):
+    with pytest.raises(UserError, match="data.root") as err:
+        build_dataset(name, {"root": str(tmp_path / "nowhere")})
+    assert "data.download: true" in str(err.value)
+
+
+def test_cifar_failed_download_is_a_user_error(tmp_path, monkeypatch):
+    def offline(self):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", offline)
+    with pytest.raises(UserError, match="downloading cifar10 .* failed"):
+        build_dataset("cifar10", {"root": str(tmp_path), "download": True})
+
+
+def test_cifar10_splits_from_fake_files(tmp_path, monkeypatch):
+    """The real files cannot be downloaded here: write tiny look-alikes, skip the md5 check."""
+    folder = tmp_path / datasets.CIFAR10.base_folder
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [(f, 1010) for f, _ in datasets.CIFAR10.train_list] + [("test_batch", 20)]:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, n).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    monkeypatch.setattr(datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(datasets.cifar, "check_integrity", lambda *args: True)
+
+    splits = build_dataset("cifar10", {"root": str(tmp_path)})
+    assert splits.info["sizes"] == {"train": 50, "val": 5000, "test": 20}
+    assert splits.num_classes == 10 and splits.input_size == (3, 32, 32)
+    assert not set(splits.train.indices) & set(splits.val.indices)
+    assert torch.equal(splits.val[0][0], splits.val[0][0])  # eval transform: no randomness
+    assert splits.train[0][0].shape == splits.test[0][0].shape == (3, 32, 32)
+    again = build_dataset("cifar10", {"root": str(tmp_path)}, seed=5)
+    assert again.val.indices == splits.val.indices
+    small = build_dataset("cifar10", {"root": str(tmp_path), "max_train": 7, "max_eval": 3})
+    assert small.info["sizes"] == {"train": 7, "val": 3, "test": 3}
+
+
+def _fake_imagenet(root, classes=("n01", "n02"), train_per_class=3, val_per_class=2):
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40 + 10 * i, 30), (80 * c, 20 * i, 200)).save(folder / f"{i}.png")
+    return root
+
+
+def test_imagenet_without_path_names_key_and_env(monkeypatch):
+    monkeypatch.delenv("MANIDP_IMAGENET", raising=False)
+    with pytest.raises(UserError, match="data.imagenet_path") as err:
+        build_dataset("imagenet", {})
+    assert "MANIDP_IMAGENET" in str(err.value)
+
+
+def test_imagenet_missing_folder(tmp_path):
+    with pytest.raises(UserError, match="data.imagenet_path.*not an existing folder"):
+        build_dataset("imagenet", {"imagenet_path": str(tmp_path / "absent")})
+
+
+def test_imagenet_without_train_and_val(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(UserError, match="has no train/ and no val/ .*found: images/"):
+        build_dataset("imagenet", {"imagenet_path": str(tmp_path)})
+
+
+def test_imagenet_flat_val_folder(tmp_path):
+    _fake_imagenet(tmp_path, val_per_class=0)
+    for d in (tmp_path / "val").iterdir():
+        d.rmdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG")
+    with pytest.raises(UserError, match="no class subfolders .*ILSVRC2012_val_0+1.JPEG") as err:
+        build_dataset("imagenet", {"imagenet_path": str(tmp_path)})
+    assert "data.imagenet_path" in str(err.value)
+
+
+def test_imagenet_fake_tree_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("MANIDP_IMAGENET", str(_fake_imagenet(tmp_path)))
+    splits = build_dataset("imagenet", {"imagenet_val_holdout": 2})
+    assert splits.input_size == (3, 224, 224) and splits.num_classes == 2
+    assert splits.info["sizes"] == {"train": 4, "val": 2, "test": 4}
+    for s in SPLITS:
+        image, label = getattr(splits, s)[0]
+        assert image.shape == (3, 224, 224) and image.dtype == torch.float32
+        assert label in (0, 1)
+    assert sorted(splits.test[i][1] for i in range(4)) == [0, 0, 1, 1]
+    again = build_dataset("imagenet", {"imagenet_val_holdout": 2})
+    assert again.val.indices == splits.val.indices
+    with pytest.raises(UserError, match="data.imagenet_val_holdout"):
+        build_dataset("imagenet", {"imagenet_val_holdout": 6})
