@@ -245,6 +245,7 @@ def train(cfg: dict) -> Path:
     device = dist.device
     _seed_everything(cfg["seed"] + dist.rank, cfg["runtime"]["deterministic"], device)
     splits, method, model, dense_macs, dense_params = _build(cfg, device)
+    cfg = {**cfg, "method_options": method.options}  # every option with its default goes into config.yaml
 
     train_loader, val_loader, test_loader = _loaders(splits, cfg, dist, cfg["seed"])
     autocast = _autocast_factory(cfg, device)

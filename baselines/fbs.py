@@ -1,0 +1,185 @@
+"""``fbs``: Feature Boosting and Suppression (Gao et al., "Dynamic Channel
+Pruning: Feature Boosting and Suppression", ICLR 2019). Dynamic, per channel.
+
+Per gated conv, a small predictor reads the per-channel mean |x| of the conv's
+input; a Linear layer and ReLU give saliencies g >= 0, and only the top
+k = ceil(d * C) of them survive (winner-take-all). The survivors scale the
+conv's output channels, the rest are skipped, along with the matching input
+channels of the next conv. Loss: CE + ``l1_weight`` * sum over gates of
+||g||_1 (per instance, averaged over the batch).
+
+The gates sit where ManiDP's do and use the same machinery
+(``manidp/gating.py``): in a BasicBlock gate 1 reads the block input and masks
+conv1's output (so conv2 reads only the kept channels), gate 2 reads that and
+masks conv2's output before the residual add; Bottleneck and inverted residual
+blocks as documented there. Per-instance MACs come from the masks each
+instance produced (a zero saliency among the top k is skipped too) plus the
+predictors' own Linear layers; whole channels are skipped, so the shared
+deployed batch-1 form (:func:`manidp.gating.deploy_model`) really computes
+less.
+
+Where the paper was silent: the predictor's bias starts at 1 and its weights
+near 0, so every saliency starts near 1 and the dense network is not rescaled
+at the first step; one density d for every gate (the paper's setting), chosen
+from the requested reduction on the gated model's MAC count, then checked on
+the validation split: if the measured reduction is off by more than a point
+(zero saliencies among the survivors save more), d is re-chosen on the
+validation split. The test split is never used for it. The predictor reads
+mean |x|, which equals the pooled mean the deployed form hands gate 2
+because that input is post-ReLU.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from manidp.errors import UserError
+from manidp.gating import ChannelGate, deploy_model, insert_gates, kept_channels
+from manidp.macs import InstanceMacs
+from manidp.methods import Method, RunContext, default_param_groups, register_method
+
+
+class SaliencyPredictor(nn.Module):
+    """FBS's gate: g = ReLU(Linear(mean |x|)), then winner-take-all over the top ceil(d * C)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, out_channels)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.ones_(self.fc.bias)
+        self.register_buffer("density", torch.ones(()))  # d, saved with the weights
+        self.saliency: Optional[torch.Tensor] = None
+
+    @property
+    def k(self) -> int:
+        # The small slack keeps ceil(j / C * C) == j despite floating-point error.
+        return max(1, math.ceil(float(self.density) * self.fc.out_features - 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        saliency = F.relu(self.fc(x.abs().mean((2, 3), dtype=torch.float32)))
+        winners = torch.zeros_like(saliency).scatter_(1, saliency.topk(self.k, dim=1).indices, 1.0)
+        self.saliency = saliency
+        return saliency * winners
+
+
+@register_method
+class FBS(Method):
+    name = "fbs"
+    dynamic = True
+    needs_budget = True
+    budget_tolerance = 0.03
+    default_options = {
+        "l1_weight": 1.0e-8,  # lambda of the L1 penalty on the saliencies (the paper's value)
+        "density": None,  # d; null = chosen from the budget
+    }
+
+    def __init__(self, options: Optional[dict] = None, budget: Optional[float] = None):
+        super().__init__(options, budget)
+        self.gates: list[ChannelGate] = []
+        self.val_reduction: Optional[float] = None
+
+    # -- building ---------------------------------------------------------
+    def _set_density(self, density: float) -> None:
+        for site in self.gates:
+            site.gate.density.fill_(density)
+
+    def _macs_at(self, counter: InstanceMacs, density: float) -> float:
+        """MACs of one instance when every gate keeps exactly its k channels."""
+        in_kept, out_kept = {}, {}
+        for site in self.gates:
+            k = torch.tensor([max(1, math.ceil(density * site.out_channels - 1e-6))])
+            out_kept.update(dict.fromkeys(site.conv_names, k))
+            in_kept.update(dict.fromkeys(site.consumer_names, k))
+        return float(counter(1, in_kept, out_kept))
+
+    def _closest_density(self, reduction_of) -> float:
+        """Bisect the densities where some gate's k changes (j / C; the reduction falls as d
+        rises) for the one whose reduction ``reduction_of(d)`` is closest to the budget."""
+        candidates = sorted({j / s.out_channels for s in self.gates for j in range(1, s.out_channels + 1)})
+        lo, hi = 0, len(candidates) - 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if reduction_of(candidates[mid]) > self.budget else (lo, mid)
+        return min((candidates[lo], candidates[hi]), key=lambda d: abs(reduction_of(d) - self.budget))
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        self.gates = insert_gates(model, SaliencyPredictor)
+        density = self.options["density"]
+        if density is None:
+            counter = InstanceMacs(model, ctx.input_size)
+            least = 1 - self._macs_at(counter, 0.0) / ctx.dense_macs
+            if least < self.budget - self.budget_tolerance:
+                raise UserError(f"fbs saves at most {least:.1%} of the MACs on this backbone; lower the budget")
+            density = self._closest_density(lambda d: 1 - self._macs_at(counter, d) / ctx.dense_macs)
+        self._set_density(density)
+        return model
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        return default_param_groups(model, weight_decay, no_decay_modules=self.gates)
+
+    # -- training ---------------------------------------------------------
+    def training_loss(self, model: nn.Module, images, targets, ctx: RunContext):
+        loss, logits, _ = super().training_loss(model, images, targets, ctx)
+        l1 = sum(site.gate.saliency.sum(1).mean() for site in self.gates)
+        kept = torch.stack([(site.mask != 0).float().mean() for site in self.gates]).mean()
+        return loss + self.options["l1_weight"] * l1, logits, {"kept": kept.item(), "saliency_l1": float(l1.detach())}
+
+    @torch.no_grad()
+    def _val_reduction(self, model: nn.Module, counter: InstanceMacs, ctx: RunContext, density: float) -> float:
+        self._set_density(density)
+        total, seen = 0.0, 0
+        for images, _ in ctx.val_loader:
+            with ctx.autocast():
+                model(images.to(ctx.device))
+            total += float(self.instance_macs(model, counter, len(images)).sum())
+            seen += len(images)
+        return 1 - total / seen / ctx.dense_macs
+
+    def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        """Check the budget on the validation split; re-choose d there when it is off by over a point."""
+        if ctx.val_loader is None or self.options["density"] is not None:
+            return model
+        was_training = model.training
+        model.eval()
+        counter = InstanceMacs(model, ctx.input_size, ctx.device)
+        density = float(self.gates[0].gate.density)
+        self.val_reduction = self._val_reduction(model, counter, ctx, density)
+        if abs(self.val_reduction - self.budget) > 0.01:
+            measured: dict[float, float] = {}
+
+            def reduction_of(d: float) -> float:
+                if d not in measured:
+                    measured[d] = self._val_reduction(model, counter, ctx, d)
+                return measured[d]
+
+            density = self._closest_density(reduction_of)
+            self.val_reduction = measured[density]
+        self._set_density(density)
+        model.train(was_training)
+        ctx.log(f"fbs: density {density:.3f} gives {self.val_reduction:.2%} fewer MACs on val")
+        return model
+
+    # -- evaluation -------------------------------------------------------
+    def instance_macs(self, model: nn.Module, counter: InstanceMacs, batch_size: int) -> torch.Tensor:
+        in_kept, out_kept = kept_channels(self.gates)
+        return counter(batch_size, in_kept, out_kept)
+
+    def deploy(self, model: nn.Module) -> nn.Module:
+        return deploy_model(model)
+
+    # -- state ------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"val_reduction": self.val_reduction}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.val_reduction = state.get("val_reduction")
+
+    def describe(self) -> dict:
+        density = float(self.gates[0].gate.density) if self.gates else None
+        return {**super().describe(), "kind": "dynamic (per channel)", "density": density,
+                "kept_per_gate": [site.gate.k for site in self.gates],
+                "val_macs_reduction_calibrated": self.val_reduction}

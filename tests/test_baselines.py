@@ -1,0 +1,280 @@
+"""The baselines: paper criteria, budgets, physical removal, reloading, gates."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from conftest import small_run_config
+from baselines._structured import (channel_groups, group_scores, plan_removal, remove_channels, select_removed,
+                                   silence_channels)
+from manidp.engine import train
+from manidp.errors import UserError
+from manidp.gating import kept_channels
+from manidp.macs import InstanceMacs, count_macs
+from manidp.methods import METHODS, RunContext, load_all
+
+load_all()
+
+BASELINES = ("l1", "fpgm", "sfp", "channel_gating", "fbs")
+CIFAR = (1, 16, 16)
+
+
+def _context(model, input_size, val_loader=None) -> RunContext:
+    return RunContext(config={"train": {"label_smoothing": 0.0}}, device=torch.device("cpu"), input_size=input_size,
+                      num_classes=10, dense_macs=count_macs(model, input_size), epochs=1, steps_per_epoch=1,
+                      val_loader=val_loader, autocast=contextlib.nullcontext, log=lambda message: None)
+
+
+def _resnet20():
+    torch.manual_seed(0)
+    return timm.create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
+
+
+# ---------------------------------------------------------------- scores on hand-made weights
+def test_l1_removes_the_smallest_l1_norm():
+    filters = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, -1.5], [-2.0, 2.0]])  # L1: 3, 2, 1.5, 4
+    scores = METHODS.get("l1").filter_scores(filters)
+    assert scores.tolist() == [3.0, 2.0, 1.5, 4.0]
+    assert select_removed({"conv": scores}, {"conv": 1}) == {"conv": [2]}
+
+
+def test_sfp_removes_the_smallest_l2_norm():
+    filters = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, -1.5], [-2.0, 2.0]])  # L2: 3, 1.41, 1.5, 2.83
+    assert select_removed({"conv": METHODS.get("sfp").filter_scores(filters)}, {"conv": 1}) == {"conv": [1]}
+
+
+def test_fpgm_removes_the_filter_nearest_the_others():
+    # Filter 2 sits in the middle of the others though its norm is the largest but one:
+    # a norm criterion would keep it, the geometric median criterion removes it.
+    filters = torch.tensor([[0.0, 0.0], [4.0, 0.0], [2.0, 1.0], [2.0, 4.0], [0.2, 0.1]])
+    scores = METHODS.get("fpgm").filter_scores(filters)
+    expected = torch.cdist(filters, filters).sum(1)
+    assert torch.allclose(scores, expected)
+    assert select_removed({"conv": scores}, {"conv": 1}) == {"conv": [2]}
+
+
+# ---------------------------------------------------------------- layers, budgets, surgery
+def test_first_conv_mode_prunes_the_first_conv_of_each_block():
+    groups = channel_groups(_resnet20(), CIFAR, "first_conv")
+    assert [g.key for g in groups] == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    assert all(g.in_layers[-1].endswith("conv2") for g in groups)
+
+
+def test_all_mode_is_refused_on_zero_pad_shortcuts():
+    with pytest.raises(UserError, match="zero-pad"):
+        channel_groups(_resnet20(), CIFAR, "all")
+
+
+@pytest.mark.parametrize("budget", [0.40, 0.55])
+def test_budget_is_met_on_the_physically_pruned_model(budget):
+    model = _resnet20()
+    groups = channel_groups(model, CIFAR, "first_conv")
+    counts, achieved = plan_removal(model, CIFAR, groups, budget)
+    pruned = remove_channels(copy.deepcopy(model), CIFAR, select_removed(
+        group_scores(model, groups, METHODS.get("l1").filter_scores), counts))
+    measured = 1 - count_macs(pruned, CIFAR) / count_macs(model, CIFAR)
+    assert measured == pytest.approx(achieved)
+    assert abs(measured - budget) <= METHODS.get("l1").budget_tolerance
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backbone, input_size, layers", [
+    ("cifar_resnet20", CIFAR, "first_conv"),
+    ("resnet18", (3, 32, 32), "all"),
+])
+def test_masked_and_physically_pruned_models_agree(backbone, input_size, layers):
+    torch.manual_seed(0)
+    model = timm.create_model(backbone, num_classes=10, in_chans=input_size[0])
+    with torch.no_grad():  # non-trivial BN statistics, so a silenced channel really must output 0
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    groups = channel_groups(model, input_size, layers)
+    counts, _ = plan_removal(model, input_size, groups, 0.5)
+    removed = select_removed(group_scores(model, groups, METHODS.get("fpgm").filter_scores), counts)
+    masked = copy.deepcopy(model)
+    silence_channels(masked, groups, removed)
+    pruned = remove_channels(copy.deepcopy(model), input_size, removed)
+    x = torch.randn(4, *input_size)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), masked(x), atol=1e-4)
+        torch.testing.assert_close(pruned(x), masked(x), atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- runs: budget, save and reload
+RUN_BUDGET = 0.55
+
+# Reloads each run from its model.pt alone and re-evaluates it on the test split. The
+# static methods' pruning criterion and budget planning are made to fail: a reload
+# must replay the saved removal, never prune again.
+_RELOAD = """
+import json, sys
+from pathlib import Path
+import baselines._structured as structured
+from manidp.engine import evaluate_run, load_model
+
+def refuse(*args, **kwargs):
+    raise AssertionError("pruning re-run on reload")
+
+structured.StructuredPruning.select = structured.StructuredPruning.plan = refuse
+out = {}
+for path in sys.argv[1:]:
+    model, _, _, _ = load_model(path)
+    summary = evaluate_run(path, "test", out_file=Path(path) / "reloaded.csv")
+    out[path] = {"params": sum(p.numel() for p in model.parameters()), **summary}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def baseline_runs(dense_run, data_cache, tmp_path_factory):
+    """Each baseline fine-tuned briefly at RUN_BUDGET, then reloaded in one fresh process."""
+    root = tmp_path_factory.mktemp("baseline-runs")
+    runs = {}
+    for name in BASELINES:
+        overrides = {"method": name, "budget": RUN_BUDGET, "init_from": str(dense_run), "train.epochs": 1,
+                     "data.max_train": 128, "data.max_eval": 128}
+        out = train(small_run_config(root / name, data_cache, **overrides))
+        runs[name] = (out, json.loads((out / "metrics.json").read_text()))
+    result = subprocess.run([sys.executable, "-c", _RELOAD, *(str(out) for out, _ in runs.values())],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reloaded = json.loads(result.stdout.splitlines()[-1])
+    return {name: (metrics, reloaded[str(out)]) for name, (out, metrics) in runs.items()}
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_run_meets_its_budget(name, baseline_runs):
+    metrics, _ = baseline_runs[name]
+    method = METHODS.get(name)
+    assert abs(metrics["macs_reduction"] - RUN_BUDGET) <= method.budget_tolerance
+    if method.dynamic:  # calibrated on validation, measured on test
+        assert abs(metrics["val_macs_reduction"] - RUN_BUDGET) <= method.budget_tolerance
+    else:  # counted on the physically pruned model: really smaller
+        assert metrics["params"] < metrics["params_dense"]
+        assert sum(metrics["method_info"]["removed_channels"].values()) > 0
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_run_reloads_from_its_file_in_a_fresh_process(name, baseline_runs):
+    metrics, reloaded = baseline_runs[name]
+    assert reloaded["params"] == metrics["params"]
+    assert reloaded["test_top1"] == metrics["test_top1"]
+    assert reloaded["macs"] == pytest.approx(metrics["macs"])
+
+
+def test_fpgm_zero_grad_variant_keeps_selected_filters_at_zero():
+    model = _resnet20().train()
+    method = METHODS.get("fpgm")({"zero_grad": True}, 0.4)
+    ctx = _context(model, CIFAR)
+    method.prepare(model, ctx)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(3):  # the first step gathers momentum on filters selected only afterwards
+        if step == 1:
+            method.on_train_start(model, ctx)
+        loss, _, _ = method.training_loss(model, torch.randn(8, *CIFAR), torch.randint(0, 10, (8,)), ctx)
+        optimizer.zero_grad()
+        loss.backward()
+        method.after_backward(model, ctx)
+        optimizer.step()
+        method.after_step(model, ctx)
+    for key, idxs in method.selection.items():
+        conv = model.get_submodule(key)
+        assert conv.weight[idxs].abs().sum() == 0 and conv.weight.grad[idxs].abs().sum() == 0
+        kept = [i for i in range(conv.out_channels) if i not in idxs]
+        assert conv.weight.grad[kept].abs().sum() > 0
+    assert "authors' code" in method.describe()["variant"]
+    assert "paper" in METHODS.get("fpgm")({"zero_grad": False}, 0.4).describe()["variant"]
+
+
+# ---------------------------------------------------------------- dynamic methods
+def test_channel_gating_straight_through_gradients_reach_the_thresholds():
+    model = _resnet20().train()
+    method = METHODS.get("channel_gating")({}, 0.4)
+    ctx = _context(model, CIFAR)
+    method.prepare(model, ctx)
+    loss, _, logs = method.training_loss(model, torch.randn(8, *CIFAR), torch.randint(0, 10, (8,)), ctx)
+    loss.backward()
+    assert 0 < logs["gate_on"] < 1
+    for gate in method.gates.values():
+        assert gate.delta.grad is not None and gate.delta.grad.abs().sum() > 0
+    assert method.describe()["macs_theoretical"] is True
+
+
+def test_channel_gating_counts_base_path_plus_gated_rest():
+    model = _resnet20().eval()
+    method = METHODS.get("channel_gating")({"partitions": 4}, 0.4)
+    ctx = _context(model, CIFAR)
+    method.prepare(model, ctx)
+    counter = InstanceMacs(model, CIFAR)
+    for gate in method.gates.values():  # every gate off: only the 1/4 base path is left in gated convs
+        gate.shift.fill_(1e6)
+    with torch.no_grad():
+        model(torch.randn(2, *CIFAR))
+    gated = sum(counter.layers[name].macs for name in method.gates)
+    assert method.instance_macs(model, counter, 2).tolist() == pytest.approx([counter.dense - 0.75 * gated] * 2)
+
+
+def test_fbs_keeps_exactly_k_channels_and_counts_them_in_the_next_conv():
+    model = _resnet20().eval()
+    method = METHODS.get("fbs")({}, 0.4)
+    ctx = _context(model, CIFAR)
+    method.prepare(model, ctx)
+    counter = InstanceMacs(model, CIFAR)
+    with torch.no_grad():
+        model(torch.randn(3, *CIFAR))
+    for site in method.gates:
+        k = math.ceil(float(site.gate.density) * site.out_channels - 1e-6)
+        assert site.gate.k == k
+        assert ((site.mask != 0).sum(1) == k).all()  # fresh predictors: every saliency near 1, none zero
+    in_kept, out_kept = kept_channels(method.gates)
+    first = method.gates[0]
+    assert first.consumer_names == ("layer1.0.conv2",) and in_kept["layer1.0.conv2"].tolist() == [first.gate.k] * 3
+    reduction = 1 - method.instance_macs(model, counter, 3) / ctx.dense_macs
+    assert (abs(reduction - 0.4) <= METHODS.get("fbs").budget_tolerance).all()
+
+
+def test_fbs_deployed_batch1_form_matches_the_masked_model():
+    model = _resnet20().eval()
+    method = METHODS.get("fbs")({}, 0.55)
+    method.prepare(model, _context(model, CIFAR))
+    x = torch.randn(3, *CIFAR)
+    deployed = method.deploy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat([deployed(x[i:i + 1]) for i in range(3)]), model(x),
+                                   atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- timm resnet18 smoke
+@pytest.mark.parametrize("name", BASELINES)
+def test_resnet18_forward_backward_smoke(name):
+    torch.manual_seed(0)
+    input_size = (3, 64, 64)
+    model = timm.create_model("resnet18", num_classes=10)
+    val = [(torch.randn(2, *input_size), torch.tensor([0, 1]))]
+    ctx = _context(model, input_size, val_loader=val)
+    method = METHODS.get(name)({}, 0.4)
+    model = method.prepare(model, ctx).train()
+    method.on_train_start(model, ctx)
+    loss, logits, _ = method.training_loss(model, *val[0], ctx)
+    loss.backward()
+    method.after_backward(model, ctx)
+    assert logits.shape == (2, 10) and torch.isfinite(loss)
+    method.on_epoch_end(model, ctx)
+    model = method.finalize(model, ctx).eval()
+    counter = InstanceMacs(model, input_size)
+    with torch.no_grad():
+        model(val[0][0])
+    macs = method.instance_macs(model, counter, 2)
+    assert (macs < ctx.dense_macs).all()
