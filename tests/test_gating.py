@@ -1,0 +1,211 @@
+"""The shared gating machinery: placement, per-instance MACs, and the deployed batch-1 form."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from manidp.errors import UserError
+from manidp.gating import ChannelGate, deploy_model, gated_layers, insert_gates, kept_channels
+from manidp.macs import InstanceMacs
+from manidp.models import build_backbone
+
+# backbone family -> (input size, gates expected)
+FAMILIES = {
+    "cifar_resnet20": ((3, 32, 32), 18),
+    "resnet18": ((3, 64, 64), 16),
+    "resnet50": ((3, 64, 64), 32),
+    "mobilenetv2_100": ((3, 64, 64), 16),
+}
+
+
+class PooledGate(nn.Module):
+    """A minimal gate following the contract: pooled input -> Linear -> ReLU, zeros below a threshold.
+
+    Not ManiDP's gate, so these tests check the machinery for any gate (FBS's too).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, out_channels)
+        self.threshold = 0.0
+
+    def forward(self, x):
+        s = 0.5 + torch.sigmoid(self.fc(x.mean((2, 3))))  # bounded scales: no blow-up over 30 gates
+        return s.masked_fill(s < self.threshold, 0.0)
+
+
+def _gated(name: str, input_size=None, seed: int = 0):
+    """A gated backbone in eval mode with real BN statistics and BN outputs near 5 +- 0.2,
+    so that no activation map is all zero by accident (the brute-force count needs that)."""
+    torch.manual_seed(seed)
+    model = build_backbone(name, 10, 3)
+    for bn in [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]:
+        nn.init.uniform_(bn.weight, 0.1, 0.2)
+        nn.init.constant_(bn.bias, 5.0)
+        bn.momentum = 1.0
+    gates = insert_gates(model, PooledGate)
+    with torch.no_grad():
+        model.train()(torch.randn(8, *(input_size or FAMILIES[name][0])))
+    return model.eval(), gates
+
+
+def _set_thresholds_between(model, gates, x, quantile: float = 0.5) -> None:
+    """Thresholds halfway between two observed values: no instance sits on a tie."""
+    with torch.no_grad():
+        values = {}
+        handles = [g.gate.register_forward_hook(lambda m, a, out, g=g: values.__setitem__(g, out)) for g in gates]
+        model(x)
+        for h in handles:
+            h.remove()
+        for g in gates:
+            s = values[g].flatten().sort().values
+            k = int(quantile * (len(s) - 1))
+            g.gate.threshold = float((s[k] + s[k + 1]) / 2)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gates_sit_where_the_reference_puts_them(name):
+    model, gates = _gated(name)
+    input_size, expected = FAMILIES[name]
+    assert len(gates) == expected
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    for g in gates:
+        assert set(g.conv_names) | set(g.consumer_names) <= convs
+    # the backbone's own names are untouched: a dense checkpoint still loads
+    dense = build_backbone(name, 10, 3)
+    missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and all(".gate" in k for k in missing)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_deployed_form_equals_masked_model(name):
+    model, gates = _gated(name)
+    input_size, _ = FAMILIES[name]
+    x = torch.randn(4, *input_size)
+    _set_thresholds_between(model, gates, x)
+    with torch.no_grad():
+        masked = model(x)
+        kept = torch.stack([(g.mask != 0).float().mean() for g in gates])
+        deployed = deploy_model(model)
+        out = torch.cat([deployed(x[i:i + 1].clone()) for i in range(len(x))])
+    assert 0.2 < kept.mean() < 0.8  # a real mix of kept and skipped channels
+    assert (out - masked).abs().max() / masked.abs().max() <= 1e-4
+    assert not any(isinstance(m, ChannelGate) for m in deployed.modules())
+    assert any(isinstance(m, ChannelGate) for m in model.modules())  # the gated model is untouched
+
+
+def test_deployed_form_handles_gates_that_skip_everything():
+    model, gates = _gated("resnet18")
+    x = torch.randn(2, 3, 64, 64)
+    for g in gates[::3]:
+        g.gate.threshold = float("inf")  # this gate keeps nothing
+    with torch.no_grad():
+        masked = model(x)
+        assert all(int((g.mask != 0).sum()) == 0 for g in gates[::3])
+        deployed = deploy_model(model)
+        out = torch.cat([deployed(x[i:i + 1].clone()) for i in range(2)])
+    assert (out - masked).abs().max() / masked.abs().max() <= 1e-4
+
+
+def test_deployed_form_runs_batch_one_only():
+    model, _ = _gated("cifar_resnet20")
+    with pytest.raises(ValueError, match="batch size 1"):
+        deploy_model(model)(torch.randn(2, 3, 32, 32))
+
+
+def _brute_force_macs(model, gates, x) -> torch.Tensor:
+    """MACs per instance from hooks: the channels that are nonzero where a mask was applied.
+
+    A gated conv computes the output channels that survive its mask; a conv
+    reading a masked tensor computes the nonzero input channels it receives.
+    (Other convs count dense: a zero channel in a block's input, e.g. from
+    option-A zero padding, is not skipped by the deployed form.)
+    """
+    conv_out = {}  # gated conv name -> kept output channels, read where its mask was applied
+    reads_masked = {name for g in gates for name in g.consumer_names}
+    apply_points = {}
+    for g in gates:
+        for module in model.modules():
+            for hook in module._forward_hooks.values():
+                if getattr(hook, "__self__", None) is g:
+                    apply_points[module] = g.conv_names
+    records, handles = [], []
+
+    def at_apply_point(module, args, out):
+        alive = (out.abs().sum((2, 3)) != 0).sum(1)
+        for name in apply_points[module]:
+            conv_out[name] = alive
+
+    def at_layer(name):
+        def record(module, args, out):
+            records.append((name, module, args[0], out))
+        return record
+
+    for module in apply_points:
+        handles.append(module.register_forward_hook(at_apply_point))
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            handles.append(module.register_forward_hook(at_layer(name)))
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    total = torch.zeros(len(x), dtype=torch.float64)
+    for name, module, inp, out in records:
+        if isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+            continue
+        n_in = torch.full((len(x),), module.in_channels, dtype=torch.float64)
+        if name in reads_masked:
+            n_in = (inp.abs().sum((2, 3)) != 0).sum(1).double()
+        n_out = conv_out.get(name, torch.full((len(x),), module.out_channels)).double()
+        k = module.kernel_size[0] * module.kernel_size[1] * out.shape[2] * out.shape[3]
+        if module.groups > 1:  # depthwise: one input channel per output channel
+            total += k * n_out
+        else:
+            total += k * n_in * n_out
+    return total
+
+
+@pytest.mark.parametrize("name, input_size", [("cifar_resnet20", (3, 32, 32)), ("resnet50", (3, 128, 128)),
+                                              ("mobilenetv2_100", (3, 128, 128))])
+def test_instance_macs_match_a_brute_force_count(name, input_size):
+    """(Maps of at least 4x4: an activation map that is zero everywhere by chance would fool the hooks.)"""
+    model, gates = _gated(name, input_size)
+    x = torch.randn(3, *input_size)
+    _set_thresholds_between(model, gates, x, quantile=0.4)
+    with torch.no_grad():  # BN statistics of the pruned network: every channel stays near 5 +- 0.2
+        model.train()(x)
+    model.eval()
+    counter = InstanceMacs(model, input_size)
+    with torch.no_grad():
+        model(x)
+    counted = counter(len(x), *kept_channels(gated_layers(model)))
+    expected = _brute_force_macs(model, gates, x)
+    assert torch.allclose(counted, expected, rtol=1e-9)
+    assert counted.max() < counter.dense  # something was skipped
+    assert len(set(counted.tolist())) > 1  # and per instance, not once for all
+
+
+def test_insert_gates_refuses_models_without_gateable_blocks():
+    with pytest.raises(UserError, match="no block a gate can be inserted"):
+        insert_gates(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), PooledGate)
+
+
+def test_gates_cannot_be_inserted_twice():
+    model, _ = _gated("cifar_resnet20")
+    with pytest.raises(UserError, match="already exists"):
+        insert_gates(model, PooledGate)
+
+
+def test_gate_with_a_wrong_mask_shape_is_reported():
+    class Broken(PooledGate):
+        def forward(self, x):
+            return super().forward(x)[:, :-1]
+
+    torch.manual_seed(0)
+    model = build_backbone("cifar_resnet20", 10, 3)
+    insert_gates(model, Broken)
+    with pytest.raises(RuntimeError, match="mask of shape"):
+        model(torch.randn(1, 3, 32, 32))

@@ -1,0 +1,62 @@
+"""``manidp latency``: the timer, the report, and an honest 'unavailable' for a missing device."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from manidp.cli import main
+from manidp.latency import measure_latency
+from test_manidp import trained_manidp_run
+
+
+def test_measure_latency_interleaves_and_alternates_the_order():
+    calls = []
+    models = {"a": lambda x: calls.append("a"), "b": lambda x: calls.append("b")}
+    times = measure_latency(models, [torch.zeros(1)], warmup=1, repeats=4)
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert all(t >= 0 for v in times.values() for t in v)
+
+
+@pytest.fixture
+def gated_run(tmp_path_factory, data_cache, dense_run):
+    return trained_manidp_run(tmp_path_factory, data_cache, dense_run)
+
+
+def test_latency_subcommand_writes_its_report(gated_run, dense_run, tmp_path, capsys):
+    out = tmp_path / "latency.json"
+    code = main(["latency", str(gated_run), "--threads", "1", "--instances", "4", "--repeats", "3",
+                 "--warmup", "1", "--dense", str(dense_run), "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["status"] == "ok" and report["method"] == "manidp"
+    assert report["dense_ms"] > 0 and report["deployed_ms"] > 0
+    assert report["latency_ratio"] == pytest.approx(report["deployed_ms"] / report["dense_ms"])
+    assert report["speedup"] == pytest.approx(1 / report["latency_ratio"])
+    assert 0.3 < report["macs_ratio"] < 0.8  # the instances it ran, pruned around the 40 % budget
+    assert report["deployed_max_rel_error"] <= 1e-4
+    assert report["profile"]["device"] == "cpu" and report["profile"]["threads"] == 1
+    assert report["profile"]["batch_size"] == 1 and report["instances"] == 4
+    assert len(report["dense_ms_repeats"]) == 3
+    assert json.loads(capsys.readouterr().out)["status"] == "ok"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_missing_device_is_reported_not_invented(gated_run, tmp_path):
+    out = tmp_path / "cuda.json"
+    assert main(["latency", str(gated_run), "--device", "cuda", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["status"] == "unavailable" and "CUDA" in report["reason"]
+    assert "deployed_ms" not in report
+
+
+def test_dynamic_deployed_form_refuses_batches(gated_run, capsys):
+    assert main(["latency", str(gated_run), "--batch-size", "4", "--instances", "4"]) == 2
+    assert "batch size 1" in capsys.readouterr().err
+
+
+def test_missing_run_is_a_user_error(tmp_path, capsys):
+    assert main(["latency", str(tmp_path / "nothing")]) == 2
+    assert "not found" in capsys.readouterr().err

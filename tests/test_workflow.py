@@ -1,0 +1,264 @@
+"""The Snakemake workflow: plans, parse-time errors, a tiny end-to-end run, Slurm.
+
+Every test drives the real ``snakemake`` command in a temporary working
+directory. The tiny run (.test/config.yaml) trains for real: a dense model and
+one method on a few hundred digits-c images. It is killed once during the
+dense training and resumed, then the tests inspect what it produced.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "workflow" / "Snakefile"
+TINY_CONFIG = ROOT / ".test" / "config.yaml"
+SLURM_PROFILE = ROOT / "workflow" / "profiles" / "slurm"
+TINY_DENSE = "runs/digits-c/cifar_resnet20/dense/seed0"
+TINY_METHOD = "runs/digits-c/cifar_resnet20/l1-b0.4/seed0"
+
+# The default plan (digits-c): 8 methods x 2 budgets x 2 seeds, one cpu profile.
+DEFAULT_PLAN = {"tracking_store": 1, "tracking_parent": 1, "train_dense": 2, "train_method": 32, "latency": 32,
+                "table": 1, "plot": 1, "tracking_summary": 1, "all": 1}
+# ImageNet: resnet18 and resnet34 at two operating points, resnet50 at one;
+# 6 methods, 1 seed, latency on cpu-1t and cuda-bf16.
+IMAGENET_PLAN = {"tracking_store": 1, "tracking_parent": 3, "train_dense": 3, "train_method": 30, "latency": 60,
+                 "table": 1}
+TINY_PLAN = {"tracking_store": 1, "tracking_parent": 1, "train_dense": 1, "train_method": 1, "latency": 1,
+             "table": 1, "plot": 1, "tracking_summary": 1, "all": 1}
+
+
+def snakemake(workdir: Path, *args: str, env: dict | None = None, timeout: int = 600,
+              check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+               "--cores", "2", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or _env(),
+                            cwd=workdir)
+    if check and result.returncode:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MANIDP_IMAGENET", "MLFLOW_TRACKING_URI")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(extra)
+    return env
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The per-rule job counts of Snakemake's "Job stats" summary."""
+    match = re.search(r"Job stats:\njob\s+count\n-+\s+-+\n(.*?)\ntotal\s+\d+", output, re.S)
+    assert match, f"no job stats in:\n{output[-3000:]}"
+    return {name: int(count) for name, count in re.findall(r"^(\S+)\s+(\d+)$", match.group(1), re.M)}
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory) -> dict:
+    """One digits-c cache for every workflow run of this module."""
+    return _env(MANIDP_CACHE=str(tmp_path_factory.mktemp("digits-cache")))
+
+
+# ----------------------------------------------------------------- plans (dry runs)
+def test_default_plan(tmp_path):
+    result = snakemake(tmp_path, "-n")
+    assert job_counts(result.stdout) == DEFAULT_PLAN
+
+
+def test_imagenet_dry_run_lists_plan_without_data(tmp_path):
+    result = snakemake(tmp_path, "-n", "results/imagenet_table.csv")
+    assert job_counts(result.stdout) == IMAGENET_PLAN
+    assert "runs/imagenet/resnet34/manidp-b0.47/seed0/metrics.json" in result.stdout
+    assert "runs/imagenet/resnet50/fbs-b0.55/seed0/latency_cuda-bf16.json" in result.stdout
+
+
+def test_imagenet_without_data_stops_before_any_job(tmp_path):
+    result = snakemake(tmp_path, "results/imagenet_table.csv", check=False)
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert "imagenet_path" in message and "MANIDP_IMAGENET" in message, message[-3000:]
+    assert message.count("Set the ILSVRC-2012 folder") == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results" / "tracking").exists()
+
+
+def _broken_config(tmp_path: Path, edit) -> Path:
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    edit(config)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: c["hardware_profiles"]["cpu-1t"].update(device="tpu"),
+     ["hardware_profiles.cpu-1t.device", "'tpu'", '"cpu", "cuda"']),
+    (lambda c: c["datasets"]["digits-c"]["dense"]["train"].update(epochz=1),
+     ["datasets.digits-c.dense.train.epochz", "epochs", "lr"]),
+    (lambda c: c["datasets"]["digits-c"]["methods"].update(nosuch={}),
+     ["datasets.digits-c.methods.nosuch", "unknown method 'nosuch'", "valid methods:", "fbs", "l1", "manidp"]),
+    (lambda c: c["datasets"]["digits-c"]["backbones"].update(resnet_nosuch={}),
+     ["datasets.digits-c.backbones.resnet_nosuch", "cifar_resnet20", "resnet50"]),
+    (lambda c: c["datasets"].update({"mnist": c["datasets"]["digits-c"]}),
+     ["datasets.mnist", "unknown dataset 'mnist'", "digits-c", "imagenet"]),
+], ids=["enum", "unknown-key", "unknown-method", "unknown-backbone", "unknown-dataset"])
+def test_bad_config_fails_at_parse_time_naming_key_and_valid_values(tmp_path, edit, expected):
+    config = _broken_config(tmp_path, edit)
+    result = snakemake(tmp_path, "-n", "--configfile", str(config), check=False)
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert "Job stats" not in message
+    for text in expected:
+        assert text in message, f"{text!r} not in:\n{message[-2000:]}"
+
+
+# ----------------------------------------------------------------- the tiny run
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"snakemake ended before {path} appeared:\n{process.stdout.read()[-4000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache_env) -> Path:
+    """The tiny workflow, killed hard during its dense training, then resumed to the end.
+
+    The dense model trains 6 epochs here so that the first epoch's checkpoint
+    exists while the job is still running.
+    """
+    workdir = tmp_path_factory.mktemp("tiny")
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config["datasets"]["digits-c"]["dense"]["train"]["epochs"] = 6
+    config_file = workdir / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    args = ["--configfile", str(config_file)]
+
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+               "--cores", "2", *args]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cache_env,
+                             cwd=workdir, start_new_session=True)
+    _wait_for(workdir / TINY_DENSE / "checkpoint.pt", first)
+    # As a crash or a preemption would: SIGKILL, no chance to clean up.
+    for process in [*psutil.Process(first.pid).children(recursive=True), psutil.Process(first.pid)]:
+        process.kill()
+    first.wait(timeout=60)
+    assert not (workdir / TINY_DENSE / "metrics.json").exists(), "the dense job finished before it was killed"
+
+    # What a user does after a crash: release the dead run's lock, run the same command again.
+    snakemake(workdir, "--unlock", *args, env=cache_env)
+    result = snakemake(workdir, *args, env=cache_env)
+    (workdir / "snakemake.out").write_text(result.stdout + result.stderr)
+    return workdir
+
+
+def test_killed_run_resumed_from_its_checkpoint(tiny_run):
+    log = (tiny_run / "results/logs/digits-c/cifar_resnet20/dense/seed0/train.log").read_text()
+    assert re.search(r"resuming after epoch [1-5]/6", log), log[-2000:]
+    history = (tiny_run / TINY_DENSE / "history.jsonl").read_text().splitlines()
+    assert len(history) == 6
+    # A finished run drops its checkpoint: a later re-run must not resume stale state.
+    assert not (tiny_run / TINY_DENSE / "checkpoint.pt").exists()
+
+
+def _check_table(workdir: Path) -> None:
+    table = pd.read_csv(workdir / "results/digits-c_table.csv")
+    assert table["method"].tolist() == ["dense", "l1"]
+    assert table["dynamic"].tolist() == ["dense", "static"]
+    assert table["budget_pct"].isna()[0] and table["budget_pct"][1] == 40
+    assert table["n_seeds"].tolist() == [1, 1] and table["source"].tolist() == ["ours", "ours"]
+    for column in ("backbone", "top1_err", "top1_err_std", "top5_err", "top1_gap", "top5_gap", "macs_m",
+                   "macs_reduction_pct", "macs_reduction_pct_std", "notes", "reference"):
+        assert column in table.columns
+    assert table.loc[0, "top1_gap"] == 0 and table.loc[0, "macs_reduction_pct"] == 0
+    assert abs(table.loc[1, "macs_reduction_pct"] - 40) <= 1
+    assert table.loc[0, "speedup_cpu-1t"] == 1 and table.loc[1, "speedup_cpu-1t"] > 0
+    markdown = (workdir / "results/digits-c_table.md").read_text()
+    assert "| cifar_resnet20 | l1 | static | 40 |" in markdown
+    latex = (workdir / "results/digits-c_table.tex").read_text()
+    assert r"\toprule" in latex and r"\bottomrule" in latex and r"cifar\_resnet20" in latex
+
+
+def test_tiny_run_table(tiny_run):
+    _check_table(tiny_run)
+
+
+def test_tiny_run_plots_and_report(tiny_run):
+    for name in ("digits-c_pareto.png", "digits-c_macs_vs_difficulty.png", "report.html"):
+        path = tiny_run / "results" / name
+        assert path.stat().st_size > 10_000, name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" or name.endswith(".html")
+
+
+def test_tiny_run_mlflow_parent_children_summary(tiny_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tiny_run / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("digits-c")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("role") == "parent"]
+    summaries = [r for r in runs if r.data.tags.get("role") == "summary"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(summaries) == 1, [r.data.tags for r in runs]
+    assert sorted(r.data.tags["method"] for r in children) == ["dense", "l1"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    assert all(r.info.status == "FINISHED" and "test_top1" in r.data.metrics for r in children)
+    artifacts = {a.path for a in client.list_artifacts(summaries[0].info.run_id)}
+    assert {"digits-c_table.csv", "digits-c_table.md", "digits-c_table.tex", "digits-c_pareto.png",
+            "digits-c_macs_vs_difficulty.png"} <= artifacts
+    assert (tiny_run / "results/tracking/digits-c/summary_run.txt").read_text() == summaries[0].info.run_id
+
+
+def test_rerunning_finished_workflow_does_nothing(tiny_run, cache_env):
+    result = snakemake(tiny_run, "-n", "--configfile", str(tiny_run / "tiny.yaml"), env=cache_env)
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_deleting_a_checkpoint_reruns_only_its_dependents(tiny_run, cache_env):
+    """The method's checkpoint goes: its training and what is built on it are planned, the dense run is not."""
+    (tiny_run / TINY_METHOD / "model.pt").unlink()
+    result = snakemake(tiny_run, "-n", "--configfile", str(tiny_run / "tiny.yaml"), env=cache_env)
+    plan = job_counts(result.stdout)
+    assert plan == {"train_method": 1, "latency": 1, "table": 1, "plot": 1, "tracking_summary": 1, "all": 1}
+    assert f"{TINY_METHOD}/model.pt" in result.stdout and "train_dense" not in result.stdout
+
+
+# ----------------------------------------------------------------- a real Slurm cluster
+def _slurm_unavailable() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "sinfo not found: no Slurm client here (CI starts a one-node cluster with .ci/start_slurm.sh)"
+    probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    states = probe.stdout.split()
+    if probe.returncode or not any(s.rstrip("*~#") in ("idle", "mixed", "allocated") for s in states):
+        return (f"no Slurm cluster answers (sinfo: {(probe.stderr or probe.stdout).strip() or 'no nodes'}); "
+                "start one with .ci/start_slurm.sh")
+    return None
+
+
+@pytest.mark.slurm
+def test_slurm_profile_runs_tiny_workflow(tmp_path, cache_env):
+    reason = _slurm_unavailable()
+    if reason:
+        pytest.skip(reason)
+    # Poll often (a real cluster is polled more gently); no HTML report, the tiny run checks that.
+    result = snakemake(tmp_path, "--profile", str(SLURM_PROFILE), "--configfile", str(TINY_CONFIG),
+                       "--config", "report=", "--slurm-init-seconds-before-status-checks", "1",
+                       "--seconds-between-status-checks", "2", "--latency-wait", "5", env=cache_env, timeout=580)
+    output = result.stdout + result.stderr
+    # Training and latency jobs go through Slurm; MLflow bookkeeping, tables and plots stay local.
+    assert len(re.findall(r"Job \d+ has been submitted with SLURM jobid \d+", output)) == 3, output[-3000:]
+    assert job_counts(output) == TINY_PLAN
+    _check_table(tmp_path)

@@ -1,0 +1,74 @@
+# Training: one dense model per (dataset, backbone, seed), then every method x
+# budget fine-tunes from that same dense checkpoint, so all rows share a baseline.
+#
+# Resuming: the engine checkpoints every epoch and resumes when re-run, so a
+# killed, preempted or requeued job (Slurm --requeue) continues where it
+# stopped. A finished run deletes its checkpoint; a job that finds no
+# checkpoint starts from an empty folder. So a re-run caused by a changed
+# recipe or a re-trained dense model never resumes stale state.
+
+
+rule train_dense:
+    """The dense baseline: trained with the dataset's recipe, or imported from a pretrained source and evaluated."""
+    input:
+        parent=parent_input,
+    output:
+        metrics="runs/{dataset}/{backbone}/dense/seed{seed}/metrics.json",
+        model="runs/{dataset}/{backbone}/dense/seed{seed}/model.pt",
+        instances="runs/{dataset}/{backbone}/dense/seed{seed}/instances_test.csv",
+    log:
+        "results/logs/{dataset}/{backbone}/dense/seed{seed}/train.log",
+    params:
+        run="runs/{dataset}/{backbone}/dense/seed{seed}",
+        recipe=dense_args,
+        launcher=train_launcher("dense"),
+    threads: resource("dense", "threads", 1)
+    resources:
+        gpu=resource("dense", "gpus", 0),
+        mem_mb=resource("dense", "mem_mb", 4000),
+        runtime=resource("dense", "runtime", 60),
+        slurm_partition=resource("dense", "partition", ""),
+        threads_per_process=process_threads("dense"),
+    shell:
+        """
+        [ -f {params.run}/checkpoint.pt ] || rm -rf {params.run}
+        {params.launcher} train --dataset {wildcards.dataset} --backbone {wildcards.backbone} --method dense \
+            --seed {wildcards.seed} {params.recipe} --out {params.run} --threads {resources.threads_per_process} \
+            --set tracking.parent_run_id=$(cat {input.parent}) {TRACKING_ARGS} > {log} 2>&1
+        rm -f {params.run}/checkpoint.pt
+        """
+
+
+rule train_method:
+    """One method at one budget and seed, fine-tuned from the dense checkpoint of that seed."""
+    input:
+        dense_model="runs/{dataset}/{backbone}/dense/seed{seed}/model.pt",
+        dense_instances="runs/{dataset}/{backbone}/dense/seed{seed}/instances_test.csv",
+        parent=parent_input,
+    output:
+        metrics="runs/{dataset}/{backbone}/{method}-b{budget}/seed{seed}/metrics.json",
+        model="runs/{dataset}/{backbone}/{method}-b{budget}/seed{seed}/model.pt",
+        instances="runs/{dataset}/{backbone}/{method}-b{budget}/seed{seed}/instances_test.csv",
+    log:
+        "results/logs/{dataset}/{backbone}/{method}-b{budget}/seed{seed}/train.log",
+    params:
+        run="runs/{dataset}/{backbone}/{method}-b{budget}/seed{seed}",
+        dense="runs/{dataset}/{backbone}/dense/seed{seed}",
+        recipe=method_args,
+        launcher=train_launcher("train"),
+    threads: resource("train", "threads", 1)
+    resources:
+        gpu=resource("train", "gpus", 0),
+        mem_mb=resource("train", "mem_mb", 4000),
+        runtime=resource("train", "runtime", 60),
+        slurm_partition=resource("train", "partition", ""),
+        threads_per_process=process_threads("train"),
+    shell:
+        """
+        [ -f {params.run}/checkpoint.pt ] || rm -rf {params.run}
+        {params.launcher} train --dataset {wildcards.dataset} --backbone {wildcards.backbone} {params.recipe} \
+            --budget {wildcards.budget} --seed {wildcards.seed} --init-from {params.dense} --out {params.run} \
+            --threads {resources.threads_per_process} \
+            --set tracking.parent_run_id=$(cat {input.parent}) {TRACKING_ARGS} > {log} 2>&1
+        rm -f {params.run}/checkpoint.pt
+        """
