@@ -162,16 +162,6 @@ class ChannelGating(Method):
         return (loss + self.options["gate_weight"] * gate_loss, logits,
                 {"gate_on": on_rate.item(), "gate_loss": float(gate_loss.detach())})
 
-    @torch.no_grad()
-    def _val_reduction(self, model: nn.Module, counter: InstanceMacs, ctx: RunContext) -> float:
-        total, seen = 0.0, 0
-        for images, _ in ctx.val_loader:
-            with ctx.autocast():
-                model(images.to(ctx.device))
-            total += float(self.instance_macs(model, counter, len(images)).sum())
-            seen += len(images)
-        return 1 - total / seen / ctx.dense_macs
-
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """Bisect one threshold shift so the validation MACs meet the budget (monotone in the shift)."""
         if not self.options["calibrate"] or ctx.val_loader is None:
@@ -184,7 +174,7 @@ class ChannelGating(Method):
             shift = (lo + hi) / 2
             for g in self.gates.values():
                 g.shift.fill_(shift)
-            self.val_reduction = self._val_reduction(model, counter, ctx)
+            self.val_reduction = self.validation_reduction(model, counter, ctx)
             if abs(self.val_reduction - self.budget) < 0.002:
                 break
             lo, hi = (shift, hi) if self.val_reduction < self.budget else (lo, shift)

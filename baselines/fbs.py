@@ -128,16 +128,9 @@ class FBS(Method):
         kept = torch.stack([(site.mask != 0).float().mean() for site in self.gates]).mean()
         return loss + self.options["l1_weight"] * l1, logits, {"kept": kept.item(), "saliency_l1": float(l1.detach())}
 
-    @torch.no_grad()
     def _val_reduction(self, model: nn.Module, counter: InstanceMacs, ctx: RunContext, density: float) -> float:
         self._set_density(density)
-        total, seen = 0.0, 0
-        for images, _ in ctx.val_loader:
-            with ctx.autocast():
-                model(images.to(ctx.device))
-            total += float(self.instance_macs(model, counter, len(images)).sum())
-            seen += len(images)
-        return 1 - total / seen / ctx.dense_macs
+        return self.validation_reduction(model, counter, ctx)
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """Check the budget on the validation split; re-choose d there when it is off by over a point."""

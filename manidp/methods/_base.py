@@ -155,6 +155,17 @@ class Method:
         """MACs each instance of the last forward really used (static: the traced count)."""
         return torch.full((batch_size,), float(counter.dense), dtype=torch.float64)
 
+    @torch.no_grad()
+    def validation_reduction(self, model: nn.Module, counter: InstanceMacs, ctx: RunContext) -> float:
+        """Mean per-instance MACs reduction on the validation split: what budget calibration may use."""
+        total, seen = 0.0, 0
+        for images, _ in ctx.val_loader:
+            with ctx.autocast():
+                model(images.to(ctx.device))
+            total += float(self.instance_macs(model, counter, len(images)).sum())
+            seen += len(images)
+        return 1 - total / seen / ctx.dense_macs
+
     def deploy(self, model: nn.Module) -> nn.Module:
         """The form that is timed for latency (static: the model as it is)."""
         return model
