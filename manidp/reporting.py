@@ -33,8 +33,8 @@ from typing import Iterable, Optional
 from manidp.cli import register_subcommand
 from manidp.errors import UserError
 
-__all__ = ["load_runs", "summarize_runs", "reported_rows", "build_table", "write_table", "plot_pareto",
-           "plot_macs_vs_difficulty"]
+__all__ = ["load_runs", "summarize_runs", "reported_rows", "build_table", "to_markdown", "to_latex", "write_table",
+           "plot_pareto", "plot_macs_vs_difficulty"]
 
 #: Per-run quantities averaged over seeds, and how each is labelled in the md/tex tables.
 MEASURES = {

@@ -4,6 +4,11 @@ Every test drives the real ``snakemake`` command in a temporary working
 directory. The tiny run (.test/config.yaml) trains for real: a dense model and
 one method on a few hundred digits-c images. It is killed once during the
 dense training and resumed, then the tests inspect what it produced.
+
+Two things keep the module within a few minutes on 2 cores: the dry runs and
+parse-time failures start together (each mostly imports torch), and the Slurm
+run starts when the module does and is checked last, so its jobs' queueing and
+status polling overlap the local tests.
 """
 from __future__ import annotations
 
@@ -70,55 +75,83 @@ def cache_env(tmp_path_factory) -> dict:
     return _env(MANIDP_CACHE=str(tmp_path_factory.mktemp("digits-cache")))
 
 
-# ----------------------------------------------------------------- plans (dry runs)
-def test_default_plan(tmp_path):
-    result = snakemake(tmp_path, "-n")
-    assert job_counts(result.stdout) == DEFAULT_PLAN
+# ----------------------------------------------------------------- plans and parse-time errors
+def _broken_config(edit) -> dict:
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    edit(config)
+    return config
 
 
-def test_imagenet_dry_run_lists_plan_without_data(tmp_path):
-    result = snakemake(tmp_path, "-n", "results/imagenet_table.csv")
+BAD_CONFIGS = {
+    "enum": (lambda c: c["hardware_profiles"]["cpu-1t"].update(device="tpu"),
+             ["hardware_profiles.cpu-1t.device", "'tpu'", '"cpu", "cuda"']),
+    "unknown-key": (lambda c: c["datasets"]["digits-c"]["dense"]["train"].update(epochz=1),
+                    ["datasets.digits-c.dense.train.epochz", "epochs", "lr"]),
+    "unknown-method": (lambda c: c["datasets"]["digits-c"]["methods"].update(nosuch={}),
+                       ["datasets.digits-c.methods.nosuch", "unknown method 'nosuch'", "valid methods:", "fbs",
+                        "l1", "manidp"]),
+    "unknown-backbone": (lambda c: c["datasets"]["digits-c"]["backbones"].update(resnet_nosuch={}),
+                         ["datasets.digits-c.backbones.resnet_nosuch", "cifar_resnet20", "resnet50"]),
+    "unknown-dataset": (lambda c: c["datasets"].update({"mnist": c["datasets"]["digits-c"]}),
+                        ["datasets.mnist", "unknown dataset 'mnist'", "digits-c", "imagenet"]),
+}
+
+
+@pytest.fixture(scope="module")
+def parse_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Every run that stops at or before planning, started together; name -> (workdir, result)."""
+    calls = {"default-plan": ["-n"], "imagenet-plan": ["-n", "results/imagenet_table.csv"],
+             "imagenet-without-data": ["results/imagenet_table.csv"]}
+    for name, (edit, _) in BAD_CONFIGS.items():
+        path = tmp_path_factory.mktemp("config") / "config.yaml"
+        path.write_text(yaml.safe_dump(_broken_config(edit)))
+        calls[name] = ["-n", "--configfile", str(path)]
+    started = {}
+    for name, args in calls.items():
+        workdir = tmp_path_factory.mktemp(name)
+        command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+                   "--cores", "2", *args]
+        started[name] = (workdir, command, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                             text=True, env=_env(), cwd=workdir))
+    results = {}
+    for name, (workdir, command, process) in started.items():
+        stdout, stderr = process.communicate(timeout=300)
+        results[name] = (workdir, subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+    return results
+
+
+def _succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"{' '.join(result.args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_default_plan(parse_runs):
+    assert job_counts(_succeeded(parse_runs["default-plan"][1]).stdout) == DEFAULT_PLAN
+
+
+def test_imagenet_dry_run_lists_plan_without_data(parse_runs):
+    result = _succeeded(parse_runs["imagenet-plan"][1])
     assert job_counts(result.stdout) == IMAGENET_PLAN
     assert "runs/imagenet/resnet34/manidp-b0.47/seed0/metrics.json" in result.stdout
     assert "runs/imagenet/resnet50/fbs-b0.55/seed0/latency_cuda-bf16.json" in result.stdout
 
 
-def test_imagenet_without_data_stops_before_any_job(tmp_path):
-    result = snakemake(tmp_path, "results/imagenet_table.csv", check=False)
+def test_imagenet_without_data_stops_before_any_job(parse_runs):
+    workdir, result = parse_runs["imagenet-without-data"]
     assert result.returncode != 0
     message = result.stdout + result.stderr
     assert "imagenet_path" in message and "MANIDP_IMAGENET" in message, message[-3000:]
     assert message.count("Set the ILSVRC-2012 folder") == 1
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "results" / "tracking").exists()
+    assert not (workdir / "runs").exists() and not (workdir / "results" / "tracking").exists()
 
 
-def _broken_config(tmp_path: Path, edit) -> Path:
-    config = yaml.safe_load(TINY_CONFIG.read_text())
-    edit(config)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.mark.parametrize("edit, expected", [
-    (lambda c: c["hardware_profiles"]["cpu-1t"].update(device="tpu"),
-     ["hardware_profiles.cpu-1t.device", "'tpu'", '"cpu", "cuda"']),
-    (lambda c: c["datasets"]["digits-c"]["dense"]["train"].update(epochz=1),
-     ["datasets.digits-c.dense.train.epochz", "epochs", "lr"]),
-    (lambda c: c["datasets"]["digits-c"]["methods"].update(nosuch={}),
-     ["datasets.digits-c.methods.nosuch", "unknown method 'nosuch'", "valid methods:", "fbs", "l1", "manidp"]),
-    (lambda c: c["datasets"]["digits-c"]["backbones"].update(resnet_nosuch={}),
-     ["datasets.digits-c.backbones.resnet_nosuch", "cifar_resnet20", "resnet50"]),
-    (lambda c: c["datasets"].update({"mnist": c["datasets"]["digits-c"]}),
-     ["datasets.mnist", "unknown dataset 'mnist'", "digits-c", "imagenet"]),
-], ids=["enum", "unknown-key", "unknown-method", "unknown-backbone", "unknown-dataset"])
-def test_bad_config_fails_at_parse_time_naming_key_and_valid_values(tmp_path, edit, expected):
-    config = _broken_config(tmp_path, edit)
-    result = snakemake(tmp_path, "-n", "--configfile", str(config), check=False)
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_bad_config_fails_at_parse_time_naming_key_and_valid_values(parse_runs, name):
+    result = parse_runs[name][1]
     assert result.returncode != 0
     message = result.stdout + result.stderr
     assert "Job stats" not in message
-    for text in expected:
+    for text in BAD_CONFIGS[name][1]:
         assert text in message, f"{text!r} not in:\n{message[-2000:]}"
 
 
@@ -228,12 +261,18 @@ def test_rerunning_finished_workflow_does_nothing(tiny_run, cache_env):
 
 
 def test_deleting_a_checkpoint_reruns_only_its_dependents(tiny_run, cache_env):
-    """The method's checkpoint goes: its training and what is built on it are planned, the dense run is not."""
+    """The method's checkpoint goes: it is retrained and measured again, and the dense run is left alone."""
+    args = ["--configfile", str(tiny_run / "tiny.yaml")]
+    dense_model = tiny_run / TINY_DENSE / "model.pt"
+    dense_mtime = dense_model.stat().st_mtime
     (tiny_run / TINY_METHOD / "model.pt").unlink()
-    result = snakemake(tiny_run, "-n", "--configfile", str(tiny_run / "tiny.yaml"), env=cache_env)
+    result = snakemake(tiny_run, "-n", *args, env=cache_env)
     plan = job_counts(result.stdout)
     assert plan == {"train_method": 1, "latency": 1, "table": 1, "plot": 1, "tracking_summary": 1, "all": 1}
-    assert f"{TINY_METHOD}/model.pt" in result.stdout and "train_dense" not in result.stdout
+    snakemake(tiny_run, *args, "--config", "report=", env=cache_env)
+    assert (tiny_run / TINY_METHOD / "model.pt").is_file()
+    assert dense_model.stat().st_mtime == dense_mtime
+    _check_table(tiny_run)
 
 
 # ----------------------------------------------------------------- a real Slurm cluster
@@ -248,17 +287,42 @@ def _slurm_unavailable() -> str | None:
     return None
 
 
-@pytest.mark.slurm
-def test_slurm_profile_runs_tiny_workflow(tmp_path, cache_env):
+@pytest.fixture(scope="module", autouse=True)
+def slurm_run(request, tmp_path_factory):
+    """The tiny workflow through the Slurm profile, started in the background with the module.
+
+    Polls often (a real cluster is polled more gently) and writes no HTML
+    report (the tiny run checks that). Yields (workdir, process) or a reason to skip.
+    """
+    if not any(item.name == "test_slurm_profile_runs_tiny_workflow" for item in request.session.items):
+        yield "the Slurm test is not selected"
+        return
     reason = _slurm_unavailable()
     if reason:
-        pytest.skip(reason)
-    # Poll often (a real cluster is polled more gently); no HTML report, the tiny run checks that.
-    result = snakemake(tmp_path, "--profile", str(SLURM_PROFILE), "--configfile", str(TINY_CONFIG),
-                       "--config", "report=", "--slurm-init-seconds-before-status-checks", "1",
-                       "--seconds-between-status-checks", "2", "--latency-wait", "5", env=cache_env, timeout=580)
-    output = result.stdout + result.stderr
+        yield reason
+        return
+    workdir = tmp_path_factory.mktemp("slurm")
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+               "--profile", str(SLURM_PROFILE), "--configfile", str(TINY_CONFIG), "--config", "report=",
+               "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2",
+               "--latency-wait", "5"]
+    env = _env(MANIDP_CACHE=str(tmp_path_factory.mktemp("slurm-digits-cache")))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               cwd=workdir)
+    yield workdir, process
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+@pytest.mark.slurm
+def test_slurm_profile_runs_tiny_workflow(slurm_run):
+    if isinstance(slurm_run, str):
+        pytest.skip(slurm_run)
+    workdir, process = slurm_run
+    output, _ = process.communicate(timeout=540)
+    assert process.returncode == 0, output[-6000:]
     # Training and latency jobs go through Slurm; MLflow bookkeeping, tables and plots stay local.
     assert len(re.findall(r"Job \d+ has been submitted with SLURM jobid \d+", output)) == 3, output[-3000:]
     assert job_counts(output) == TINY_PLAN
-    _check_table(tmp_path)
+    _check_table(workdir)

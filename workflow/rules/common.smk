@@ -193,8 +193,15 @@ def report_inputs(ds: str) -> dict:
 
 
 def dataset_targets(ds: str) -> list[str]:
+    """What ``rule all`` builds for a dataset: tables, plots, MLflow summary, and every trained model.
+
+    The models are targets because Snakemake takes a deleted file that only
+    feeds up-to-date results for an intermediate it need not rebuild; as
+    targets, a deleted model.pt is retrained, with everything built on it.
+    """
     targets = [f"results/{ds}_table.{ext}" for ext in ("csv", "md", "tex")]
     targets += [f"results/{ds}_pareto.png", f"results/{ds}_macs_vs_difficulty.png"]
+    targets += [f"{run}/model.pt" for run in all_run_dirs(ds)]
     return targets + [f"results/tracking/{ds}/summary_run.txt"]
 
 
