@@ -323,14 +323,8 @@ def plot_pareto(runs: "pd.DataFrame", out: Path, dataset: str) -> None:
                             color="0.35", xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("MACs (% of the dense model)")
         ax.set_ylabel("test top-1 accuracy (%)")
-        ax.set_title(f"{dataset} / {backbone}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.suptitle("Accuracy vs MACs, mean ± std over seeds", fontsize=10)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+        _finish_axes(ax, f"{dataset} / {backbone}")
+    _save_figure(fig, "Accuracy vs MACs, mean ± std over seeds", out)
 
 
 def _difficulty(instances: "pd.DataFrame", dense: Optional["pd.DataFrame"]) -> tuple["pd.Series", str]:
@@ -379,10 +373,20 @@ def plot_macs_vs_difficulty(runs: "pd.DataFrame", out: Path, dataset: str) -> No
         ax.set_xlabel(xlabel)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("mean per-instance MACs (% of dense)")
-        ax.set_title(f"{dataset} / {backbone}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.suptitle("Per-instance MACs vs difficulty, mean ± std over seeds", fontsize=10)
+        _finish_axes(ax, f"{dataset} / {backbone}")
+    _save_figure(fig, "Per-instance MACs vs difficulty, mean ± std over seeds", out)
+
+
+def _finish_axes(ax, title: str) -> None:
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
+def _save_figure(fig, title: str, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
