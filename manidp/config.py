@@ -148,6 +148,9 @@ def validate(cfg: dict) -> None:
             raise UserError(f"config key '{key}' must be a name, got {cfg[key]!r}")
     if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool):
         raise UserError(f"config key 'seed' must be an integer, got {cfg['seed']!r}")
+    splits = cfg["eval_splits"]
+    if not splits or "val" not in splits or not set(splits) <= {"val", "test"} or len(set(splits)) != len(splits):
+        raise UserError(f"config key 'eval_splits' must be [val, test] or [val] (validation only), got {splits!r}")
 
 
 def default_out_dir(cfg: dict) -> Path:

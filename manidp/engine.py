@@ -175,7 +175,9 @@ def _loaders(splits, cfg: dict, dist: _Distributed, seed: int):
     def eval_loader(ds):
         return DataLoader(ds, batch_size=t["eval_batch_size"], shuffle=False, num_workers=workers, pin_memory=pin)
 
-    return train_loader, eval_loader(splits.val), eval_loader(splits.test)
+    # A validation-only run (eval_splits: [val], the recipe sweeps) never touches the test split.
+    test_loader = eval_loader(splits.test) if "test" in cfg["eval_splits"] else None
+    return train_loader, eval_loader(splits.val), test_loader
 
 
 # ---------------------------------------------------------------- build / load
@@ -323,11 +325,13 @@ def train(cfg: dict) -> Path:
     if dist.main:
         metrics = _final_evaluation(model, method, splits, val_loader, test_loader, ctx, cfg, channels_last,
                                     dense_macs, dense_params, out)
-        metrics.update({"wall_time_s": train_time, "epochs_trained": len(history)})
+        metrics.update({"wall_time_s": train_time, "epochs_trained": len(history),
+                        "optimizer_steps": len(history) * len(train_loader)})
         _write_final(model, method, splits, cfg, dense_macs, metrics, out)
         tracker.log_metrics(_numeric(metrics))
         tracker.finish([out / "metrics.json", out / "config.yaml", out / "history.jsonl"])
-        log(f"{out}: test top-1 {metrics['test_top1']:.2f} %, MACs {metrics['macs'] / 1e6:.3f} M "
+        split = "test" if test_loader is not None else "val"
+        log(f"{out}: {split} top-1 {metrics[f'{split}_top1']:.2f} %, MACs {metrics['macs'] / 1e6:.3f} M "
             f"({metrics['macs_reduction'] * 100:.1f} % fewer), {train_time:.1f} s")
     dist.barrier()
     return out
@@ -409,13 +413,17 @@ def _final_evaluation(model, method, splits, val_loader, test_loader, ctx, cfg, 
     counter = InstanceMacs(model, splits.input_size, ctx.device)
     val = evaluate(model, method, val_loader, counter, ctx.device, ctx.autocast,
                    splits.severity.get("val"), channels_last)
-    test = evaluate(model, method, test_loader, counter, ctx.device, ctx.autocast,
-                    splits.severity.get("test"), channels_last)
-    write_instances(test, out / "instances_test.csv")
     write_instances(val, out / "instances_val.csv")
-    metrics = summarize(test, dense_macs, "test", _dense_losses(cfg))
     val_summary = summarize(val, dense_macs, "val")
-    metrics.update({"val_top1": val_summary["val_top1"], "val_macs_reduction": val_summary["macs_reduction"]})
+    if test_loader is None:  # validation only: MACs and their reduction are the validation split's
+        metrics = {**val_summary, "val_macs_reduction": val_summary["macs_reduction"]}
+    else:
+        test = evaluate(model, method, test_loader, counter, ctx.device, ctx.autocast,
+                        splits.severity.get("test"), channels_last)
+        write_instances(test, out / "instances_test.csv")
+        metrics = summarize(test, dense_macs, "test", _dense_losses(cfg))
+        metrics.update({"val_top1": val_summary["val_top1"], "val_top5": val_summary["val_top5"],
+                        "val_macs_reduction": val_summary["macs_reduction"]})
     params = sum(p.numel() for p in model.parameters())
     metrics.update({
         "dataset": cfg["dataset"], "backbone": cfg["backbone"], "method": cfg["method"],

@@ -135,3 +135,35 @@ def test_default_digits_c_recipe_meets_acceptance(tmp_path, data_cache):
     assert 80 <= metrics["test_top1"] <= 95
     by_severity = [metrics["test_top1_by_severity"][str(s)] for s in range(5)]
     assert by_severity[0] > by_severity[2] > by_severity[4]
+
+
+def test_validation_only_run_never_touches_the_test_split(tmp_path, data_cache, monkeypatch):
+    """eval_splits: [val] (the recipe sweeps) must not build, read or report the test split."""
+    import manidp.engine as engine
+
+    real_build = engine.build_dataset
+
+    class TestSplitRead(AssertionError):
+        pass
+
+    def build_without_test(*args, **kwargs):
+        splits = real_build(*args, **kwargs)
+
+        class Forbidden(torch.utils.data.Dataset):
+            def __len__(self):
+                raise TestSplitRead("the test split was touched")
+
+            def __getitem__(self, index):
+                raise TestSplitRead("the test split was read")
+
+        splits.test = Forbidden()
+        return splits
+
+    import torch
+
+    monkeypatch.setattr(engine, "build_dataset", build_without_test)
+    out = train(small_run_config(tmp_path / "val-only", data_cache, eval_splits=["val"]))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert not [key for key in metrics if key.startswith("test")]
+    assert metrics["val_top1"] > 20 and "val_macs_reduction" in metrics
+    assert not (out / "instances_test.csv").exists() and (out / "instances_val.csv").is_file()
