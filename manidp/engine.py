@@ -428,6 +428,7 @@ def _final_evaluation(model, method, splits, val_loader, test_loader, ctx, cfg, 
     metrics.update({
         "dataset": cfg["dataset"], "backbone": cfg["backbone"], "method": cfg["method"],
         "dynamic": method.dynamic, "budget": cfg["budget"], "seed": cfg["seed"],
+        **method.final_metrics(),
         "params": params, "params_dense": dense_params, "method_info": method.describe(),
         "config": cfg, "versions": _versions(),
     })

@@ -14,10 +14,10 @@ import torch.nn as nn
 
 from conftest import small_run_config
 from manidp.errors import UserError
-from manidp.macs import count_macs
+from manidp.macs import InstanceMacs, count_macs
 from manidp.methods import METHODS, RunContext, load_all
-from manidp.methods.manidp import (ManiDP, SaliencyGate, instance_weights, keep_rate_schedule, rank_threshold,
-                                   similarity_loss, sparsity_loss)
+from manidp.methods.manidp import (ManiDP, SaliencyGate, instance_weights, keep_rate_schedule, quantile_threshold,
+                                   rank_threshold, similarity_loss, sparsity_loss)
 from manidp.models import build_backbone
 
 load_all()
@@ -183,9 +183,12 @@ def _run_statistics_epoch(method, model, ctx, batches):
     return seen, torch.cat(losses), row
 
 
+AUTHORS_RULE = {"threshold_rule": "mean_rank", "threshold_updates_per_epoch": 1, "threshold_from_epoch": 0}
+
+
 def test_threshold_update_matches_a_brute_force_ranking():
     batches = _batches([8, 8, 5])
-    method = METHODS.get("manidp_no_manifold")({"threshold_updates_per_epoch": 1}, budget=0.5)
+    method = METHODS.get("manidp_no_manifold")(AUTHORS_RULE, budget=0.5)
     model, ctx = _model_and_context(method, steps=len(batches), train_loader=batches)
     model = method.prepare(model, ctx)
     for g in method.gates:  # instance-dependent saliencies
@@ -207,7 +210,7 @@ def _ddp_worker(rank, world_size, port, batches_per_rank, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     batches = batches_per_rank[rank]
-    method = METHODS.get("manidp_no_manifold")({"threshold_updates_per_epoch": 1}, budget=0.5)
+    method = METHODS.get("manidp_no_manifold")(AUTHORS_RULE, budget=0.5)
     model, ctx = _model_and_context(method, world_size, rank, steps=len(batches), train_loader=batches)
     model = method.prepare(model, ctx)
     for g in method.gates:
@@ -228,7 +231,7 @@ def test_ddp_threshold_statistics_equal_single_process(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, shards, str(tmp_path)), nprocs=2, join=True)
 
-    method = METHODS.get("manidp_no_manifold")({"threshold_updates_per_epoch": 1}, budget=0.5)
+    method = METHODS.get("manidp_no_manifold")(AUTHORS_RULE, budget=0.5)
     model, ctx = _model_and_context(method, steps=len(batches), train_loader=batches)
     model = method.prepare(model, ctx)
     for g in method.gates:
@@ -251,8 +254,10 @@ def trained_manidp_run(tmp_path_factory, data_cache, dense_run):
 
     if "run" not in _TRAINED:
         out = tmp_path_factory.mktemp("manidp") / "run"
+        options = {"threshold_from_epoch": 0, "threshold_updates_per_epoch": 4, "anneal_epochs": 1}
         _TRAINED["run"] = train(small_run_config(out, data_cache, method="manidp", budget=0.4,
-                                                 init_from=str(dense_run), **{"train.lr": 0.01}))
+                                                 init_from=str(dense_run), method_options=options,
+                                                 **{"train.lr": 0.01}))
     return _TRAINED["run"]
 
 
@@ -293,3 +298,81 @@ def test_saved_run_reloads_and_its_deployed_form_matches(manidp_run):
         deployed = method.deploy(model)
         out = torch.cat([deployed(images[i:i + 1]) for i in range(8)])
     assert (out - masked).abs().max() / masked.abs().max() <= 1e-4
+
+
+# ---------------------------------------------------------------- budget calibration
+def _chained_gated_model(method):
+    """A gated ResNet-20 whose saliencies follow the magnitude of each gate's input.
+
+    Non-negative gate weights make every saliency grow with the pooled input,
+    and that input shrinks as upstream gates prune: statistics collected
+    before the upstream thresholds move are stale for every later layer.
+    """
+    model, ctx = _model_and_context(method)
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(192, 1, 16, 16, generator=generator)
+    targets = torch.randint(0, 10, (192,), generator=generator)
+    ctx.val_loader = [(images[i:i + 64], targets[i:i + 64]) for i in range(0, 192, 64)]
+    model = method.prepare(model, ctx)
+    for g in method.gates:
+        g.gate.fc1.weight.data = torch.rand(g.gate.fc1.weight.shape, generator=generator) / g.in_channels ** 0.5
+        g.gate.fc2.weight.data = torch.rand(g.gate.fc2.weight.shape, generator=generator) * 2 / g.gate.fc1.out_features
+        g.gate.fc2.bias.data.zero_()
+    for module in model.modules():  # BN that passes signal, so masks upstream change magnitudes downstream
+        if isinstance(module, nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+            module.bias.data.uniform_(0.0, 0.3, generator=generator)
+    return model.eval(), ctx
+
+
+def _layer_kept_fractions(method, model, ctx) -> list[float]:
+    kept, total = [0.0] * len(method.gates), 0
+    with torch.no_grad():
+        for images, _ in ctx.val_loader:
+            model(images)
+            for i, g in enumerate(method.gates):
+                kept[i] += float((g.mask != 0).float().mean(1).sum())
+            total += len(images)
+    return [k / total for k in kept]
+
+
+def test_calibration_sets_thresholds_in_forward_order_and_meets_the_budget():
+    """Regression: knots collected once (with the trained thresholds) left later layers pruned far below
+    the keep rate the search settled on. Forward order keeps every layer at the calibrated keep rate."""
+    method = ManiDP({"calibrate": True}, budget=0.5)
+    model, ctx = _chained_gated_model(method)
+    method.finalize(model, ctx)
+    calibration = method.calibration
+    assert abs(calibration["val_macs_reduction"] - 0.5) <= 0.01
+    fractions = _layer_kept_fractions(method, model, ctx)
+    # every layer keeps the calibrated share of its (instance, channel) pairs, within 5 points
+    assert max(abs(f - calibration["keep_rate"]) for f in fractions) <= 0.05, fractions
+    assert max(fractions) - min(fractions) <= 0.1, fractions
+    # the budget holds on the very masks the model produces, gates counted
+    counter = InstanceMacs(model, ctx.input_size)
+    reduction, _ = method._validation_pass(model, ctx, counter)
+    assert reduction == pytest.approx(calibration["val_macs_reduction"], abs=1e-9)
+    final = method.final_metrics()
+    assert set(final) >= {"val_top1_before_calibration", "val_top1_after_calibration"}
+
+
+def test_quantile_threshold_keeps_the_requested_share():
+    values = torch.arange(1000, dtype=torch.float32).view(100, 10)
+    for rate in (0.0, 0.25, 0.6, 1.0):
+        threshold = quantile_threshold(values, rate)
+        assert float((values >= threshold).float().mean()) == pytest.approx(rate, abs=1e-3)
+
+
+def test_training_thresholds_follow_the_quantile_of_recent_instances():
+    batches = _batches([8, 8, 5])
+    method = METHODS.get("manidp_no_manifold")({"threshold_updates_per_epoch": 1, "threshold_from_epoch": 0},
+                                               budget=0.5)
+    model, ctx = _model_and_context(method, steps=len(batches), train_loader=batches)
+    model = method.prepare(model, ctx)
+    for g in method.gates:
+        nn.init.normal_(g.gate.fc2.weight, std=0.3)
+    seen, _, row = _run_statistics_epoch(method, model, ctx, batches)
+    rate = method.keep_rate_target
+    for layer, g in enumerate(method.gates):
+        window = torch.cat([s[layer] for s in seen])
+        assert g.gate.threshold.item() == pytest.approx(float(quantile_threshold(window, rate)), rel=1e-6)

@@ -170,6 +170,14 @@ class Method:
         """The form that is timed for latency (static: the model as it is)."""
         return model
 
+    def final_metrics(self) -> dict:
+        """Numbers measured in ``finalize`` (e.g. validation top-1 before and after a calibration).
+
+        The engine merges them into metrics.json's top level and logs them to
+        MLflow, so a user sees a red flag (a large drop) without opening files.
+        """
+        return {}
+
     # -- state --------------------------------------------------------------
     def state_dict(self) -> dict:
         return {}

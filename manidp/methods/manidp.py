@@ -118,7 +118,7 @@ from manidp.macs import InstanceMacs
 from manidp.methods._base import Method, RunContext, default_param_groups, register_method
 
 __all__ = ["SaliencyGate", "ManiDP", "instance_weights", "sparsity_loss", "similarity_loss", "keep_rate_schedule",
-           "rank_threshold"]
+           "rank_threshold", "quantile_threshold"]
 
 
 # ---------------------------------------------------------------- gate
@@ -193,18 +193,22 @@ def rank_threshold(mean_saliency: torch.Tensor, keep_rate: float) -> torch.Tenso
     return torch.topk(mean_saliency, k, sorted=True).values[-1]
 
 
-def _interpolated_threshold(sorted_means: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor,
-                            keep_rate: float) -> torch.Tensor:
-    """Threshold at position ``keep_rate * (c + 1)`` along the knots top, means (descending), bottom.
+def quantile_threshold(saliencies: torch.Tensor, keep_rate: float) -> torch.Tensor:
+    """The threshold that keeps a ``keep_rate`` fraction of the (instance, channel) saliencies given.
 
-    ``top`` is above every instance's saliency (keep nothing), ``bottom`` below
-    every nonzero one (keep everything the ReLU left), so keep rates 0..1
-    span every pruning level and the threshold moves continuously.
+    The ``(1 - keep_rate)`` quantile of every entry: one scalar per layer, so
+    instances with low saliencies still lose more channels than others. 0
+    keeps nothing (the threshold sits above the largest saliency).
     """
-    knots = torch.cat([top.view(1), sorted_means, bottom.view(1)])
-    position = keep_rate * (len(knots) - 1)
-    low = min(int(position), len(knots) - 2)
-    return knots[low] + (position - low) * (knots[low + 1] - knots[low])
+    values = saliencies.detach().flatten().float().sort().values
+    drop = int(round((1 - keep_rate) * len(values)))
+    if drop >= len(values):
+        return values[-1] * (1 + 1e-6) + 1e-12
+    return values[drop]
+
+
+class _StopForward(Exception):
+    """Ends a calibration forward at the gate whose statistics are being collected."""
 
 
 # ---------------------------------------------------------------- method
@@ -223,13 +227,17 @@ class ManiDP(Method):
         "detach_beta": True,
         "detach_features": False,
         "no_complexity": False,
-        "threshold_from_epoch": 0,
+        "threshold_rule": "quantile",
+        "quantile_window": 4096,
+        "threshold_from_epoch": 1,
         "anneal_epochs": None,
-        "threshold_updates_per_epoch": 4,
+        "threshold_updates_per_epoch": 1,
         "gate_lr_scale": 1.0,
         "grad_clip": 5.0,
         "calibrate": True,
+        "freeze_epochs": 0,
     }
+    threshold_rules = ("quantile", "mean_rank")
     #: Calibration stops when the validation reduction is this close to the budget.
     calibration_tolerance = 0.0025
     calibration_steps = 12
@@ -244,6 +252,14 @@ class ManiDP(Method):
             raise UserError(f"method option threshold_updates_per_epoch must be an integer >= 1, got {updates!r}")
         if not self.options["gate_lr_scale"] > 0:
             raise UserError("method option gate_lr_scale must be > 0")
+        if self.options["threshold_rule"] not in self.threshold_rules:
+            raise UserError(f"method option threshold_rule is {self.options['threshold_rule']!r}; valid values: "
+                            f"{', '.join(self.threshold_rules)}")
+        for key in ("quantile_window", "freeze_epochs", "threshold_from_epoch"):
+            value = self.options[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "quantile_window" else 0):
+                raise UserError(f"method option {key} must be an integer >= "
+                                f"{1 if key == 'quantile_window' else 0}, got {value!r}")
         self.gates: list[ChannelGate] = []
         self.keep_rate_target: Optional[float] = keep
         self.complexity: Optional[float] = None
@@ -252,6 +268,8 @@ class ManiDP(Method):
         self._base_lr: Optional[float] = None
         self._loss_sums: Optional[torch.Tensor] = None
         self._saliency_sums: Optional[torch.Tensor] = None
+        self._saliency_window: list[list[torch.Tensor]] = []
+        self.frozen = False  # thresholds fixed by a mid-training calibration (freeze_epochs)
 
     # -- building -----------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
@@ -303,15 +321,23 @@ class ManiDP(Method):
         self._loss_sums = torch.zeros(2, dtype=torch.float64, device=device)
 
     def _reset_saliency_sums(self, device) -> None:
-        """Per-threshold-period accumulators: [count, saliency sums of every layer...] (one all-reduce)."""
+        """Per-threshold-period accumulators: [count, saliency sums of every layer...] (one all-reduce),
+        and for the quantile rule the latest ``quantile_window`` instances' saliencies per layer."""
         self._saliency_sums = torch.zeros(1 + sum(s.out_channels for s in self.gates), dtype=torch.float64,
                                           device=device)
+        self._saliency_window = [[] for _ in self.gates]
 
     def _accumulate(self, losses: torch.Tensor) -> None:
         self._loss_sums[0] += losses.detach().sum().double()
         self._loss_sums[1] += len(losses)
         self._saliency_sums[0] += len(losses)
         self._saliency_sums[1:] += torch.cat([site.gate.saliency.detach().sum(0) for site in self.gates]).double()
+        if self.options["threshold_rule"] == "quantile":
+            window = self.options["quantile_window"]
+            for kept, site in zip(self._saliency_window, self.gates):
+                kept.append(site.gate.saliency.detach().float())
+                while sum(len(t) for t in kept) - len(kept[0]) >= window:
+                    kept.pop(0)  # keep the most recent instances only
 
     def _mean_loss(self, ctx: RunContext) -> float:
         """Mean training CE over every process's instances since the last reset (the true count)."""
@@ -388,20 +414,36 @@ class ManiDP(Method):
         if ctx.step not in points:
             return
         means = self._mean_saliencies(ctx)
+        windows = [torch.cat(kept) for kept in self._saliency_window] if self._saliency_window[0] else None
         self._reset_saliency_sums(ctx.device)
-        if ctx.epoch < self.options["threshold_from_epoch"]:
+        if ctx.epoch < self.options["threshold_from_epoch"] or self.frozen:
             return
         per_epoch = len(points)
-        update = ctx.epoch * per_epoch + points.index(ctx.step)
-        anneal = (self.options["anneal_epochs"] or max(1, ctx.epochs - 1)) * per_epoch
+        update = (ctx.epoch - self.options["threshold_from_epoch"]) * per_epoch + points.index(ctx.step)
+        anneal = (self.options["anneal_epochs"] or ctx.epochs) - self.options["threshold_from_epoch"]
+        anneal = max(1, anneal * per_epoch)
         self.keep_rate = keep_rate_schedule(min(update, anneal - 1), anneal, self.keep_rate_target)
-        for site, mean in zip(self.gates, means):
-            site.gate.threshold.fill_(rank_threshold(mean, self.keep_rate).item())
+        for index, (site, mean) in enumerate(zip(self.gates, means)):
+            if windows is None:  # the authors' rule: rank the layer's dataset-mean saliencies
+                threshold = rank_threshold(mean, self.keep_rate)
+            else:  # the (1 - r) quantile of the recent per-instance saliencies, averaged over processes
+                threshold = ctx.all_reduce_sum(quantile_threshold(windows[index], self.keep_rate).view(1))
+                threshold = threshold / ctx.world_size
+            site.gate.threshold.fill_(float(threshold))
 
     def on_epoch_end(self, model: nn.Module, ctx: RunContext) -> dict:
         self.complexity = self.options["tau"] * self._mean_loss(ctx)
         self._reset_loss_sums(ctx.device)
-        return {"complexity_threshold": self.complexity, "keep_rate": self.keep_rate}
+        row = {"complexity_threshold": self.complexity, "keep_rate": self.keep_rate}
+        freeze = self.options["freeze_epochs"]
+        if freeze and not self.frozen and ctx.epoch == ctx.epochs - freeze - 1 and ctx.val_loader is not None:
+            # anneal, calibrate to the budget on validation, then fine-tune with the thresholds fixed
+            was_training = model.training
+            self._calibrate(model, ctx, record=False)
+            model.train(was_training)
+            self.frozen = True
+            row["frozen_keep_rate"] = self.calibration.get("keep_rate")
+        return row
 
     # -- budget calibration ---------------------------------------------------
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
@@ -410,43 +452,81 @@ class ManiDP(Method):
         return model
 
     @torch.no_grad()
-    def _validation_pass(self, model: nn.Module, ctx: RunContext, counter: Optional[InstanceMacs]):
-        """Mean MACs reduction (if ``counter``) and per-layer mean / max / min saliency on the validation split."""
+    def _validation_pass(self, model: nn.Module, ctx: RunContext, counter: InstanceMacs) -> tuple[float, float]:
+        """Mean per-instance MACs reduction (gates counted) and top-1 (%) on the validation split."""
         model.eval()
-        total_macs, count = 0.0, 0
-        sums = [torch.zeros(s.out_channels, device=ctx.device) for s in self.gates]
-        tops = [torch.full((), -math.inf, device=ctx.device) for _ in self.gates]
-        bottoms = [torch.full((), math.inf, device=ctx.device) for _ in self.gates]
-        for images, _ in ctx.val_loader:
+        total_macs, correct, count = 0.0, 0, 0
+        for images, targets in ctx.val_loader:
             with ctx.autocast():
-                model(images.to(ctx.device))
-            for i, site in enumerate(self.gates):
-                pi = site.gate.saliency
-                sums[i] += pi.sum(0)
-                tops[i] = torch.maximum(tops[i], pi.max())
-                bottoms[i] = torch.minimum(bottoms[i], pi.min())
-            if counter is not None:
-                total_macs += float(self.instance_macs(model, counter, len(images)).sum())
+                logits = model(images.to(ctx.device))
+            correct += int((logits.argmax(1).cpu() == targets).sum())
+            total_macs += float(self.instance_macs(model, counter, len(images)).sum())
             count += len(images)
-        reduction = 1 - total_macs / count / ctx.dense_macs if counter is not None else None
-        return reduction, [s / count for s in sums], tops, bottoms
+        return 1 - total_macs / count / ctx.dense_macs, 100.0 * correct / count
 
-    def _calibrate(self, model: nn.Module, ctx: RunContext) -> None:
-        """Search one global keep rate q until the validation MACs reduction meets the budget."""
+    @torch.no_grad()
+    def _layer_saliencies(self, model: nn.Module, ctx: RunContext, index: int) -> torch.Tensor:
+        """Every validation instance's saliencies ``[N, C]`` at gate ``index``, with the current upstream
+        thresholds in place; the forward stops at that gate (what follows cannot change it)."""
+        model.eval()
+        collected = []
+
+        def stop(module, args, output):
+            collected.append(module.saliency.detach().float())
+            raise _StopForward
+
+        handle = self.gates[index].gate.register_forward_hook(stop)
+        try:
+            for images, _ in ctx.val_loader:
+                try:
+                    with ctx.autocast():
+                        model(images.to(ctx.device))
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+        return torch.cat(collected)
+
+    def _set_keep_rate(self, model: nn.Module, ctx: RunContext, rate: float) -> None:
+        """Thresholds for keep rate ``rate``, set in forward order: each layer's threshold is the
+        ``(1 - rate)`` quantile of its validation saliencies *given the thresholds already set upstream*
+        (a gate's saliencies depend on every mask before it, so statistics taken once go stale)."""
+        for site in self.gates:
+            site.gate.threshold.fill_(-math.inf)
+        for index, site in enumerate(self.gates):
+            site.gate.threshold.fill_(float(quantile_threshold(self._layer_saliencies(model, ctx, index), rate)))
+
+    def _calibrate(self, model: nn.Module, ctx: RunContext, record: bool = True) -> None:
+        """Search one keep rate q (the fraction of channel-instances every gated layer keeps on the
+        validation split) until the validation MACs reduction meets the budget; record top-1 before/after."""
         counter = InstanceMacs(model, ctx.input_size, ctx.device)
-        _, means, tops, bottoms = self._validation_pass(model, ctx, None)
-        knots = [(m.sort(descending=True).values, t * (1 + 1e-6) + 1e-12, b * (1 - 1e-6))
-                 for m, t, b in zip(means, tops, bottoms)]
+        before_reduction, before_top1 = self._validation_pass(model, ctx, counter)
+        outcome = {}
 
         def reduction_at(rate: float) -> float:
-            for site, (sorted_means, top, bottom) in zip(self.gates, knots):
-                site.gate.threshold.fill_(_interpolated_threshold(sorted_means, top, bottom, rate).item())
-            return self._validation_pass(model, ctx, counter)[0]
+            self._set_keep_rate(model, ctx, rate)
+            outcome[rate] = self._validation_pass(model, ctx, counter)
+            return outcome[rate][0]
 
         rate, achieved = self._solve_rate(reduction_at)
-        self.calibration = {"keep_rate": rate, "val_macs_reduction": achieved}
+        after_top1 = outcome[rate][1]
+        self.calibration = {
+            "keep_rate": rate, "val_macs_reduction": achieved, "val_top1_before": before_top1,
+            "val_top1_after": after_top1, "val_macs_reduction_before": before_reduction,
+            "thresholds": [float(site.gate.threshold) for site in self.gates],
+        }
+        if record:
+            self._final = {"val_top1_before_calibration": before_top1, "val_top1_after_calibration": after_top1,
+                           "calibrated_keep_rate": rate}
         ctx.log(f"manidp: calibrated keep rate {rate:.4f} -> validation MACs reduction {achieved:.4f} "
-                f"(budget {self.budget})")
+                f"(budget {self.budget}); validation top-1 {before_top1:.2f} % before, {after_top1:.2f} % after "
+                f"(trained thresholds: reduction {before_reduction:.4f})")
+        if before_top1 - after_top1 > 5:
+            ctx.log(f"manidp: WARNING calibration cost {before_top1 - after_top1:.1f} points of validation "
+                    "top-1: the trained thresholds were far from the budget")
+
+    def final_metrics(self) -> dict:
+        return dict(getattr(self, "_final", {}))
 
     def _solve_rate(self, reduction_at) -> tuple[float, float]:
         """The keep rate whose reduction is closest to the budget: regula falsi (Illinois) on [0, 1].
@@ -494,13 +574,14 @@ class ManiDP(Method):
     # -- state ----------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"keep_rate_target": self.keep_rate_target, "keep_rate": self.keep_rate,
-                "complexity": self.complexity, "calibration": self.calibration}
+                "complexity": self.complexity, "calibration": self.calibration, "frozen": self.frozen}
 
     def load_state_dict(self, state: dict) -> None:
         self.keep_rate_target = state.get("keep_rate_target", self.keep_rate_target)
         self.complexity = state.get("complexity")
         self.keep_rate = state.get("keep_rate", 1.0)
         self.calibration = state.get("calibration", {})
+        self.frozen = state.get("frozen", False)
 
     def describe(self) -> dict:
         return {**super().describe(), "keep_rate_target": self.keep_rate_target,
