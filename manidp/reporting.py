@@ -5,21 +5,31 @@ Results are files first: every number here comes from a run's
 table never reads a tracking server. The workflow calls these subcommands:
 
 ``manidp table``
-    ``results/{dataset}_table.csv`` (tidy, one row per method x budget, plus the
-    paper's reported rows for the same dataset and backbone) and ``.md`` /
-    ``.tex`` (booktabs) beside it, in the paper's layout: top-1/top-5 error,
-    gaps to dense, MACs, MACs reduction, speed-up per hardware profile, each
-    as mean and standard deviation over seeds, with the number of seeds.
+    ``results/{dataset}_table.csv`` (tidy, one row per method x budget) and
+    ``.md`` / ``.tex`` (pandas ``to_markdown`` and ``Styler.to_latex`` with
+    booktabs) beside it, in the paper's layout: top-1/top-5 error, drops to
+    dense, MACs, MACs reduction, each as mean and standard deviation over
+    seeds with the number of seeds; the training budget (epochs, optimizer
+    steps); validation accuracies a method records (masked/pruned,
+    before/after calibration); speed-up and latency in ms per hardware
+    profile. Each of the paper's reported rows sits on our row of the same
+    method and operating point, with the differences beside it; the paper's
+    other rows follow, labelled reported. ``--per-seed`` writes one row per run.
 ``manidp plot``
-    accuracy vs MACs (error bars over seeds, paper points hollow) and, for
-    dynamic methods, per-instance MACs against difficulty (severity where the
-    dataset has it, else quintiles of the dense model's per-instance loss).
+    accuracy vs MACs (error bars over seeds, paper points hollow), for
+    dynamic methods per-instance MACs against difficulty (severity where the
+    dataset has it, else quintiles of the dense model's per-instance loss),
+    and with ``--speedup`` accuracy vs measured speed-up per profile.
+``manidp tuning-table``
+    the recipe sweep on validation-only runs: mean/std/n per configuration
+    and the chosen recipe per method. It refuses any run that holds test
+    numbers.
 ``manidp tracking-parent`` / ``manidp tracking-summary``
     the MLflow parent run per (dataset, backbone) and the summary run holding
     the tables and plots as artifacts.
 
-Gaps to dense are taken per seed (a method's error minus the error of the dense
-model it was fine-tuned from), then averaged.
+Drops to dense are taken per seed (a method's error minus the error of the
+dense model it was fine-tuned from), then averaged.
 """
 from __future__ import annotations
 
@@ -33,30 +43,56 @@ from typing import Iterable, Optional
 from manidp.cli import register_subcommand
 from manidp.errors import UserError
 
-__all__ = ["load_runs", "summarize_runs", "reported_rows", "build_table", "to_markdown", "to_latex", "write_table",
-           "plot_pareto", "plot_macs_vs_difficulty"]
+__all__ = ["load_runs", "summarize_runs", "reported_rows", "attach_reported", "build_table", "to_markdown",
+           "to_latex", "write_table", "write_per_seed", "tuning_table", "find_profiles", "plot_pareto",
+           "plot_macs_vs_difficulty", "plot_speedup"]
 
 #: Per-run quantities averaged over seeds, and how each is labelled in the md/tex tables.
 MEASURES = {
     "top1_err": "Top-1 err. (%)",
     "top5_err": "Top-5 err. (%)",
-    "top1_gap": "Top-1 gap",
-    "top5_gap": "Top-5 gap",
+    "top1_gap": "Top-1 drop",
+    "top5_gap": "Top-5 drop",
     "macs_m": "MACs (M)",
     "macs_reduction_pct": "MACs red. (%)",
 }
+#: Validation top-1 some methods record (soft pruning: masked vs physically pruned model; ManiDP: around its
+#: budget calibration), at the top level of metrics.json or in its method description. Shown where present.
+OPTIONAL_VAL = {
+    "val_top1_masked": "Val top-1 masked (%)",
+    "val_top1_pruned": "Val top-1 pruned (%)",
+    "val_top1_before_calibration": "Val top-1 before calib. (%)",
+    "val_top1_after_calibration": "Val top-1 after calib. (%)",
+}
+#: Our configured method name -> the paper's names for the same method (Tables 1 and 4).
+PAPER_NAMES = {"dense": ("Baseline",), "manidp": ("ManiDP", "ManiDP-A", "ManiDP-B"), "fpgm": ("FPGM",),
+               "sfp": ("SFP",), "channel_gating": ("CGNet",), "fbs": ("FBS",)}
+#: A paper row sits on our row when its FLOPs reduction is within this many points of our budget.
+PAPER_TOLERANCE_PCT = 5.0
 _RUN_FOLDER = re.compile(r"^(?P<label>.+)-b(?P<budget>[0-9.]+)$")
 _PAPER_TABLES = "reference/paper_tables.csv"
+_DASH = "–"
 
 
 # ----------------------------------------------------------------- loading run folders
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path} is missing: run the workflow step that writes it first") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON ({err}); delete it and re-run its step") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object; delete it and re-run its step")
+    return data
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(value) -> float:
+    return float(value) if _is_number(value) else math.nan
 
 
 def _label(run_dir: Path, metrics: dict) -> str:
@@ -69,41 +105,102 @@ def _label(run_dir: Path, metrics: dict) -> str:
     return match["label"] if match and metrics["budget"] is not None else run_dir.parent.name
 
 
-def _speedup(path: Path) -> tuple[float, Optional[str]]:
-    """(speed-up, note) from a latency file; NaN and the reason when it could not be measured."""
+def _recorded(metrics: dict, key: str) -> float:
+    """A number a method may record, at the top level of metrics.json or in its method description."""
+    info = metrics.get("method_info") if isinstance(metrics.get("method_info"), dict) else {}
+    for place in (metrics, info, *(v for v in info.values() if isinstance(v, dict))):
+        if _is_number(place.get(key)):
+            return float(place[key])
+    return math.nan
+
+
+def _training_budget(metrics: dict) -> tuple[float, float]:
+    """(epochs, optimizer steps) the run was given; steps NaN where neither recorded nor computable."""
+    config = metrics.get("config") if isinstance(metrics.get("config"), dict) else {}
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    epochs = _number(train.get("epochs", metrics.get("epochs_trained")))
+    steps = _number(metrics.get("optimizer_steps"))
+    n_train, batch = metrics.get("train_instances"), train.get("batch_size")
+    if math.isnan(steps) and _is_number(n_train) and _is_number(batch) and n_train > 0 and not math.isnan(epochs):
+        steps = epochs * (n_train // min(batch, n_train))  # the engine drops the last partial batch
+    return epochs, steps
+
+
+def _iqr(values) -> float:
+    """Interquartile range of a list of repeat times (NaN without at least two)."""
+    import numpy as np
+
+    if not isinstance(values, list) or sum(_is_number(v) for v in values) < 2:
+        return math.nan
+    p25, p75 = np.percentile([v for v in values if _is_number(v)], [25, 75])
+    return float(p75 - p25)
+
+
+def _latency(path: Path) -> tuple[dict, str]:
+    """(numbers, status) of one latency file: the speed-up and every ``*_ms`` median with its IQR over repeats.
+
+    Later versions of the file may add timings (an optimized dense reference,
+    spreads); every ``*_ms`` number present is taken, nothing is assumed.
+    """
     if not path.is_file():
-        return math.nan, "not measured"
-    latency = _read_json(path)
-    if latency.get("status") == "unavailable":
-        return math.nan, f"unavailable: {latency.get('reason', 'no reason given')}"
-    return float(latency["speedup"]), None
+        return {}, "not measured"
+    report = _read_json(path)
+    if report.get("status") == "unavailable":
+        return {}, f"unavailable: {report.get('reason', 'no reason given')}"
+    if not _is_number(report.get("speedup")):
+        raise UserError(f"{path} has no numeric 'speedup'; delete it and re-run its latency step")
+    numbers = {"speedup": float(report["speedup"])}
+    for key, value in report.items():
+        if key.endswith("_ms") and _is_number(value):
+            numbers[key] = float(value)
+            spread = _iqr(report.get(f"{key}_repeats"))
+            numbers[f"{key}_iqr"] = spread if not math.isnan(spread) else _number(report.get(f"{key}_iqr"))
+    if _is_number(report.get("macs_ratio")):
+        numbers["macs_ratio"] = float(report["macs_ratio"])
+    return numbers, "ok"
+
+
+def find_profiles(run_dirs: Iterable[str | Path]) -> list[str]:
+    """Hardware profiles with a ``latency_{profile}.json`` in any of the run folders."""
+    return sorted({p.name[len("latency_"):-len(".json")] for d in run_dirs for p in Path(d).glob("latency_*.json")})
 
 
 def load_runs(run_dirs: Iterable[str | Path], profiles: Iterable[str] = ()) -> "pd.DataFrame":
-    """One row per run folder: identity, accuracy, MACs, speed-up per profile."""
+    """One row per run folder: identity, accuracy, MACs, training budget, latency per profile."""
     import pandas as pd
 
     profiles = list(profiles)
     rows = []
     for run_dir in map(Path, run_dirs):
         m = _read_json(run_dir / "metrics.json")
-        info = m.get("method_info") or {}
+        missing = [k for k in ("dataset", "backbone", "method", "budget", "seed", "dynamic", "test_top1",
+                               "test_top5", "macs", "macs_dense", "macs_reduction", "params") if k not in m]
+        if missing:
+            raise UserError(f"{run_dir / 'metrics.json'} lacks {', '.join(missing)}: it is not a finished "
+                            f"test-evaluated run (validation-only runs go to manidp tuning-table)")
+        info = m.get("method_info") if isinstance(m.get("method_info"), dict) else {}
+        epochs, steps = _training_budget(m)
         row = {
             "dataset": m["dataset"], "backbone": m["backbone"], "method": _label(run_dir, m),
             "registered_method": m["method"], "dynamic": bool(m["dynamic"]), "budget": m["budget"],
-            "seed": m["seed"], "top1_err": 100.0 - m["test_top1"], "top5_err": 100.0 - m["test_top5"],
+            "seed": m["seed"], "test_top1": m["test_top1"], "test_top5": m["test_top5"],
+            "top1_err": 100.0 - m["test_top1"], "top5_err": 100.0 - m["test_top5"],
             "macs_m": m["macs"] / 1e6, "macs_dense_m": m["macs_dense"] / 1e6,
             "macs_reduction_pct": 100.0 * m["macs_reduction"],
             "macs_theoretical": bool(info.get("macs_theoretical", False)),
+            "epochs": epochs, "optimizer_steps": steps,
+            **{key: _recorded(m, key) for key in OPTIONAL_VAL},
             "spearman_macs_severity": m.get("spearman_macs_severity"),
             "spearman_macs_dense_loss": m.get("spearman_macs_dense_loss"),
             "params_m": m["params"] / 1e6, "wall_time_s": m.get("wall_time_s"), "run_dir": str(run_dir),
         }
         for profile in profiles:
             # The dense model is the reference every speed-up is measured against.
-            speedup, note = (1.0, None) if m["budget"] is None else _speedup(run_dir / f"latency_{profile}.json")
-            row[f"speedup_{profile}"] = speedup
-            row[f"note_{profile}"] = note
+            numbers, status = ({"speedup": 1.0}, "ok") if m["budget"] is None else \
+                _latency(run_dir / f"latency_{profile}.json")
+            row.update({f"{name}_{profile}": value for name, value in numbers.items()})
+            row[f"speedup_{profile}"] = numbers.get("speedup", math.nan)
+            row[f"note_{profile}"] = None if status == "ok" else status
         rows.append(row)
     if not rows:
         raise UserError("no run folders given: pass --runs DIR ...")
@@ -115,28 +212,50 @@ def load_runs(run_dirs: Iterable[str | Path], profiles: Iterable[str] = ()) -> "
     return runs
 
 
+def _latency_columns(columns: Iterable[str], profile: str) -> list[str]:
+    """The ``*_ms`` latency keys present for a profile, deployed first, then dense, then the rest."""
+    suffix = f"_{profile}"
+    keys = [c[:-len(suffix)] for c in columns if c.endswith(suffix) and c[:-len(suffix)].endswith("_ms")]
+    return sorted(keys, key=lambda k: ({"deployed_ms": 0, "dense_ms": 1}.get(k, 2), keys.index(k)))
+
+
+def _optional_present(table: "pd.DataFrame") -> list[str]:
+    return [k for k in OPTIONAL_VAL if k in table and table[k].notna().any()]
+
+
 def summarize_runs(runs: "pd.DataFrame", profiles: Iterable[str] = ()) -> "pd.DataFrame":
     """Mean and standard deviation over seeds per (backbone, method, budget)."""
     import pandas as pd
 
     profiles = list(profiles)
-    measures = list(MEASURES) + [f"speedup_{p}" for p in profiles] + ["spearman_macs_severity",
-                                                                        "spearman_macs_dense_loss"]
+    latency = {p: _latency_columns(runs.columns, p) for p in profiles}
+    measures = list(MEASURES) + _optional_present(runs) + [f"speedup_{p}" for p in profiles] + [
+        f"{key}_{p}" for p in profiles for key in latency[p]] + ["spearman_macs_severity", "spearman_macs_dense_loss"]
     keys = ["dataset", "backbone", "method", "budget"]
     out = []
     for (dataset, backbone, method, budget), group in runs.groupby(keys, dropna=False, sort=False):
         row = {"dataset": dataset, "backbone": backbone, "method": method, "source": "ours",
-               "dynamic": "dynamic" if group["dynamic"].iloc[0] else "static",
+               "dynamic": "dense" if pd.isna(budget) else "dynamic" if group["dynamic"].iloc[0] else "static",
                "budget_pct": None if pd.isna(budget) else round(100 * budget, 1), "n_seeds": len(group)}
+        notes = ["MACs theoretical (per-activation gating; dense kernels skip nothing)"
+                 if group["macs_theoretical"].any() else None]
+        for budget_key in ("epochs", "optimizer_steps"):
+            values = group[budget_key].dropna().unique()
+            row[budget_key] = values.max() if len(values) else math.nan
+            if len(values) > 1:
+                notes.append(f"{budget_key.replace('_', ' ')} differ across seeds ({', '.join(f'{v:g}' for v in sorted(values))})")
         for measure in measures:
             values = pd.to_numeric(group[measure], errors="coerce")
             row[measure] = values.mean()
             row[f"{measure}_std"] = values.std(ddof=1) if values.notna().sum() > 1 else math.nan
-        notes = ["MACs theoretical (per-activation gating; dense kernels skip nothing)"
-                 if group["macs_theoretical"].any() else None]
+        for p in profiles:
+            for key in latency[p]:  # the spread over repeats, averaged over seeds
+                row[f"{key}_iqr_{p}"] = pd.to_numeric(group.get(f"{key}_iqr_{p}"), errors="coerce").mean() \
+                    if f"{key}_iqr_{p}" in group else math.nan
+            statuses = {"ok" if n is None or pd.isna(n) else n.split(":")[0] for n in group[f"note_{p}"]}
+            row[f"latency_status_{p}"] = "ok" if statuses == {"ok"} else "; ".join(sorted(statuses))
         notes += [f"{p}: {n}" for p in profiles for n in sorted(set(group[f"note_{p}"].dropna()))]
         row["notes"] = "; ".join(n for n in notes if n)
-        row["reference"] = ""
         out.append(row)
     table = pd.DataFrame(out)
     table["is_dense"] = table["budget_pct"].isna()
@@ -152,129 +271,313 @@ def _canonical_backbone(name: str) -> str:
 
 
 def reported_rows(dataset: str, backbones: Iterable[str]) -> "pd.DataFrame":
-    """The paper's reported rows for ``dataset`` on ``backbones``, in the table's columns."""
+    """The paper's reported rows for ``dataset`` on ``backbones``, in ``paper_*`` columns.
+
+    A row's drop is its reported top-1 (top-5) error minus the reported error
+    of the same table's baseline on that backbone, the definition our drops
+    use (the paper's printed gaps disagree with its errors in two rows; the
+    notes say which).
+    """
     import pandas as pd
 
     paper = pd.read_csv(resources.files("manidp").joinpath(_PAPER_TABLES).open())
     ours = {_canonical_backbone(b): b for b in backbones}
-    paper = paper[(paper["dataset"] == dataset) & paper["backbone"].isin(ours)]
-    dynamic = {"yes": "dynamic", "no": "static"}
+    paper = paper[(paper["dataset"] == dataset) & paper["backbone"].isin(ours)].reset_index(drop=True)
+    baseline = paper[paper["method"].isin(PAPER_NAMES["dense"])].set_index(["table", "backbone"])
+    where = pd.MultiIndex.from_frame(paper[["table", "backbone"]])
     return pd.DataFrame({
         "dataset": dataset,
         "backbone": paper["backbone"].map(ours),
-        "method": paper["method"],
-        "source": "reported",
-        "dynamic": paper["dynamic"].map(dynamic).fillna("dense"),
-        "budget_pct": None,
-        "n_seeds": None,
-        "top1_err": paper["top1_err"], "top5_err": paper["top5_err"],
-        "top1_gap": paper["top1_gap"], "top5_gap": paper["top5_gap"],
-        "macs_reduction_pct": paper["flops_reduction_pct"],
-        "notes": paper["note"].fillna(""),
-        "reference": "paper Table " + paper["table"].astype(str),
+        "paper_method": paper["method"],
+        "paper_dynamic": paper["dynamic"].map({"yes": "dynamic", "no": "static"}).fillna("dense"),
+        "paper_top1_err": paper["top1_err"], "paper_top5_err": paper["top5_err"],
+        "paper_top1_drop": paper["top1_err"] - baseline["top1_err"].reindex(where).to_numpy(),
+        "paper_top5_drop": paper["top5_err"] - baseline["top5_err"].reindex(where).to_numpy(),
+        "paper_macs_reduction_pct": paper["flops_reduction_pct"],
+        "paper_note": paper["note"].fillna(""),
+        "paper_reference": "paper Table " + paper["table"].astype(str),
     })
 
 
-def build_table(runs: "pd.DataFrame", profiles: Iterable[str] = ()) -> "pd.DataFrame":
-    """Our rows per backbone, each backbone's reported rows right after them."""
+def attach_reported(ours: "pd.DataFrame", reported: "pd.DataFrame",
+                    tolerance_pct: float = PAPER_TOLERANCE_PCT) -> "pd.DataFrame":
+    """Our rows with the paper's row of the same method and operating point beside each; then the rest.
+
+    A paper row matches one of ours when it is the same method (``PAPER_NAMES``)
+    on the same backbone and its FLOPs reduction lies within ``tolerance_pct``
+    points of our budget (0 for dense); the closest pairs are taken first, each
+    row used once. Unmatched paper rows follow our rows of their backbone,
+    labelled reported, with our columns empty.
+    """
     import pandas as pd
 
-    ours = summarize_runs(runs, profiles)
-    ours.loc[ours["budget_pct"].isna(), "dynamic"] = "dense"
-    reported = reported_rows(ours["dataset"].iloc[0], ours["backbone"].unique())
+    pairs = []
+    for i, row in ours.iterrows():
+        point = 0.0 if pd.isna(row["budget_pct"]) else row["budget_pct"]
+        for j, paper in reported.iterrows():
+            if paper["backbone"] == row["backbone"] and paper["paper_method"] in PAPER_NAMES.get(row["method"], ()):
+                distance = abs(paper["paper_macs_reduction_pct"] - point)
+                if distance <= tolerance_pct + 1e-9:
+                    pairs.append((distance, i, j))
+    matched = {}
+    for _, i, j in sorted(pairs):
+        if i not in matched and j not in matched.values():
+            matched[i] = j
+    paper_columns = [c for c in reported.columns if c.startswith("paper_")]
+    ours = ours.copy()
+    for column in paper_columns:
+        ours[column] = [reported.at[matched[i], column] if i in matched else None for i in ours.index]
+    ours["top1_drop_vs_paper"] = ours["top1_gap"] - pd.to_numeric(ours["paper_top1_drop"], errors="coerce")
+    ours["macs_reduction_vs_paper"] = ours["macs_reduction_pct"] - pd.to_numeric(
+        ours["paper_macs_reduction_pct"], errors="coerce")
+    rest = reported.drop(index=list(matched.values())).assign(
+        source="reported", method=lambda r: r["paper_method"], dynamic=lambda r: r["paper_dynamic"])
     blocks = []
     for backbone in ours["backbone"].unique():
-        blocks += [ours[ours["backbone"] == backbone], reported[reported["backbone"] == backbone]]
-    table = pd.concat([b for b in blocks if len(b)], ignore_index=True)
-    return table[list(ours.columns)]
+        blocks += [ours[ours["backbone"] == backbone], rest[rest["backbone"] == backbone]]
+    return pd.concat([b for b in blocks if len(b)], ignore_index=True)[list(ours.columns)]
+
+
+def build_table(runs: "pd.DataFrame", profiles: Iterable[str] = (),
+                tolerance_pct: float = PAPER_TOLERANCE_PCT) -> "pd.DataFrame":
+    """Our rows per backbone with matched paper rows beside them; each backbone's other reported rows after."""
+    ours = summarize_runs(runs, profiles)
+    reported = reported_rows(ours["dataset"].iloc[0], ours["backbone"].unique())
+    return attach_reported(ours, reported, tolerance_pct)
 
 
 # ----------------------------------------------------------------- writing tables
-def _fmt(mean, std, digits: int = 2) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "–"
-    text = f"{mean:.{digits}f}"
-    return text if std is None or math.isnan(std) else f"{text} ± {std:.{digits}f}"
+def _fmt(mean, std=math.nan, digits: int = 2, signed: bool = False) -> str:
+    if mean is None or not _is_number(mean):
+        return _DASH
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text if std is None or not _is_number(std) else f"{text} ± {std:.{digits}f}"
 
 
-def _display_rows(table: "pd.DataFrame", profiles: list[str]) -> tuple[list[str], list[list[str]]]:
-    header = ["Backbone", "Method", "Type", "Budget (%)", *MEASURES.values(),
-              *[f"Speed-up {p}" for p in profiles], "Seeds", "Source"]
+def _count(value) -> str:
+    return f"{value:g}" if _is_number(value) else _DASH
+
+
+def _display(table: "pd.DataFrame", profiles: list[str]) -> "pd.DataFrame":
+    """The table as the md/tex versions show it: one string per cell, in the paper's layout."""
+    import pandas as pd
+
+    optional = _optional_present(table)
+    latency = {p: _latency_columns(table.columns, p) for p in profiles}
+    with_paper = "paper_method" in table and table["paper_method"].notna().any()
     rows = []
     for _, r in table.iterrows():
-        reported = r["source"] == "reported"
-        cells = [r["backbone"], r["method"], r["dynamic"],
-                 "–" if r["budget_pct"] is None or math.isnan(r["budget_pct"]) else f"{r['budget_pct']:g}"]
-        for measure in MEASURES:
-            digits = 3 if measure == "macs_m" else 2
-            cells.append(_fmt(r[measure], None if reported else r[f"{measure}_std"], digits))
-        cells += [_fmt(r[f"speedup_{p}"], r[f"speedup_{p}_std"]) for p in profiles]
-        cells.append("–" if reported else str(int(r["n_seeds"])))
-        cells.append(f"reported ({r['reference']})" if reported else "ours")
+        ours = r["source"] == "ours"
+        cells = {"Backbone": r["backbone"], "Method": r["method"], "Type": r["dynamic"],
+                 "Budget (%)": _count(r["budget_pct"]) if ours else _DASH,
+                 "Epochs": _count(r["epochs"]) if ours else _DASH,
+                 "Steps": _count(r["optimizer_steps"]) if ours else _DASH}
+        for measure, label in {**MEASURES, **{k: OPTIONAL_VAL[k] for k in optional}}.items():
+            cells[label] = _fmt(r[measure], r[f"{measure}_std"], 3 if measure == "macs_m" else 2) if ours else _DASH
+        for p in profiles:
+            status = r.get(f"latency_status_{p}")
+            cells[f"Speed-up {p}"] = _fmt(r[f"speedup_{p}"], r[f"speedup_{p}_std"]) if ours else _DASH
+            if ours and cells[f"Speed-up {p}"] == _DASH and isinstance(status, str):
+                cells[f"Speed-up {p}"] = status
+            for key in latency[p]:
+                label = {"deployed_ms": f"Latency {p} (ms)", "dense_ms": f"Dense {p} (ms)"}.get(
+                    key, f"{key.removesuffix('_ms').replace('_', ' ')} {p} (ms)")
+                text = _fmt(r[f"{key}_{p}"], digits=3) if ours else _DASH
+                spread = r.get(f"{key}_iqr_{p}")
+                cells[label] = text + (f" (IQR {spread:.3f})" if text != _DASH and _is_number(spread) else "")
+        cells["n"] = str(int(r["n_seeds"])) if ours else _DASH
+        if with_paper:
+            matched = isinstance(r["paper_method"], str)
+            cells.update({
+                "Paper method": r["paper_method"] if matched else _DASH,
+                "Top-1 err. reported (%)": _fmt(r["paper_top1_err"]),
+                "Top-1 drop reported": _fmt(r["paper_top1_drop"]),
+                "MACs red. reported (%)": _fmt(r["paper_macs_reduction_pct"], digits=1),
+                "Top-1 drop, ours - reported": _fmt(r["top1_drop_vs_paper"], signed=True),
+                "MACs red., ours - reported": _fmt(r["macs_reduction_vs_paper"], digits=1, signed=True),
+            })
+        cells["Source"] = "ours" + (f" + reported ({r['paper_reference']})" if with_paper and matched else "") \
+            if ours else f"reported ({r['paper_reference']})"
         rows.append(cells)
-    return header, rows
+    return pd.DataFrame(rows)
 
 
-def _notes(table: "pd.DataFrame") -> list[str]:
-    notes = [f"{r['backbone']} {r['method']}: {r['notes']}" for _, r in table.iterrows() if r["notes"]]
-    return sorted(set(notes), key=notes.index)
+def _budget_statement(table: "pd.DataFrame") -> str:
+    """The training budget the rows were given, in one sentence."""
+    ours = table[table["source"] == "ours"]
+    parts, finetune = [], set()
+    for label, rows in (("dense training", ours[ours["budget_pct"].isna()]),
+                        ("fine-tuning", ours[ours["budget_pct"].notna()])):
+        budgets = sorted({(_count(e), _count(s)) for e, s in zip(rows["epochs"], rows["optimizer_steps"])})
+        if label == "fine-tuning":
+            finetune = budgets
+        if budgets:
+            parts.append(f"{label} " + ", ".join(
+                ("epochs not recorded" if e == _DASH else f"{e} epochs") +
+                (" (optimizer steps not recorded)" if s == _DASH else f" ({s} optimizer steps)") for e, s in budgets))
+    text = "Training budget: " + "; ".join(parts) + "."
+    if len(finetune) > 1:
+        text += " Fine-tuning budgets differ between rows: see the Epochs and Steps columns."
+    return text
 
 
-def to_markdown(table: "pd.DataFrame", profiles: list[str]) -> str:
-    header, rows = _display_rows(table, profiles)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for cells, (_, r) in zip(rows, table.iterrows()):
-        if r["source"] == "reported":
-            cells = [f"*{c}*" if c not in ("–", "") else c for c in cells]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± standard deviation over seeds; gaps are differences to the dense model of the same "
-              "seed (percentage points, positive = worse). Rows in italics are the paper's reported numbers "
-              "(its FLOPs reduction in the MACs column), not ours."]
-    if not (table["source"] == "reported").any():
+def _footer(table: "pd.DataFrame", profiles: list[str], tolerance_pct: float) -> tuple[list[str], list[str]]:
+    """(what every row's numbers mean, the notes on single rows)."""
+    lines = ["Ours: mean ± standard deviation over n seeds; drops are differences to the dense model of the same "
+             "seed (percentage points, positive = worse).", _budget_statement(table)]
+    if profiles:
+        lines.append("Speed-up: dense time / deployed time, timed in one process per run (a dynamic method's "
+                     "deployed form skips pruned channels). Latency: per-instance ms, median over repeats with the "
+                     "interquartile range over repeats in brackets, averaged over seeds. 'unavailable': the "
+                     "profile's device was absent where it was measured.")
+    if (table["source"] == "reported").any() or ("paper_method" in table and table["paper_method"].notna().any()):
+        lines.append(f"Columns and rows marked reported are the paper's printed numbers, not ours (its FLOPs "
+                     f"reduction in the MACs column). A paper row sits on our row of the same method when its "
+                     f"reduction is within {tolerance_pct:g} points of our budget; its drop is its top-1 error "
+                     f"minus its baseline's. Rows in italics are the paper's other rows.")
+    else:
         lines.append("The paper reports no results on this dataset.")
-    lines += [f"- {n}" for n in _notes(table)]
-    return "\n".join(lines) + "\n"
+    notes = [f"{r['backbone']} {r['method']}: {r['notes']}" for _, r in table.iterrows()
+             if isinstance(r.get("notes"), str) and r["notes"]]
+    notes += [f"{r['backbone']} {r['paper_method']} (reported): {r['paper_note']}" for _, r in table.iterrows()
+              if isinstance(r.get("paper_note"), str) and r["paper_note"]]
+    return lines, sorted(set(notes), key=notes.index)
 
 
-_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+def to_markdown(table: "pd.DataFrame", profiles: list[str], tolerance_pct: float = PAPER_TOLERANCE_PCT) -> str:
+    shown = _display(table, profiles)
+    reported = (table["source"] == "reported").to_numpy()
+    shown[reported] = shown[reported].map(lambda c: c if c in (_DASH, "") else f"*{c}*")
+    text = shown.to_markdown(index=False, disable_numparse=True)
+    lines, notes = _footer(table, profiles, tolerance_pct)
+    return "\n".join([text, "", *lines, *(f"- {n}" for n in notes)]) + "\n"
 
 
-def _tex(text: str) -> str:
-    text = "".join(_LATEX_SPECIALS.get(ch, ch) for ch in str(text))
-    return text.replace("±", r"$\pm$").replace("–", "--")
+def to_latex(table: "pd.DataFrame", profiles: list[str], dataset: str,
+             tolerance_pct: float = PAPER_TOLERANCE_PCT) -> str:
+    import pandas as pd
+
+    shown = _display(table, profiles)
+    reported = (table["source"] == "reported").to_numpy()
+
+    def math_symbols(cell: str) -> str:  # cells arrive escaped by pandas
+        return cell.replace("±", r"$\pm$").replace(_DASH, "--")
+
+    styler = (shown.style.hide(axis="index").format(math_symbols, escape="latex")
+              .format_index(escape="latex", axis=1)
+              .apply(lambda row: ["textit:--rwrap;" if reported[row.name] else ""] * len(row), axis=1))
+    text_columns = {"Backbone", "Method", "Type", "Paper method", "Source"}
+    tabular = styler.to_latex(hrules=True, column_format="".join(
+        "l" if c in text_columns else "r" for c in shown.columns))
+    notes = pd.DataFrame({"Notes": [line for part in _footer(table, profiles, tolerance_pct) for line in part]})
+    notes_tabular = (notes.style.hide(axis="index").hide(axis="columns").format(math_symbols, escape="latex")
+                     .to_latex(column_format="p{0.95\\textwidth}"))
+    return "\n".join([r"% Needs \usepackage{booktabs}. Written by manidp table from the run folders.",
+                      r"\begin{table*}[t]", r"\centering", r"\small", tabular.rstrip(), r"\par\footnotesize",
+                      notes_tabular.rstrip(),
+                      rf"\caption{{\detokenize{{{dataset}}}: ours (mean $\pm$ std over seeds) beside the paper's "
+                      r"reported numbers.}",
+                      rf"\label{{tab:{re.sub('[^A-Za-z0-9]', '', dataset)}}}", r"\end{table*}"]) + "\n"
 
 
-def to_latex(table: "pd.DataFrame", profiles: list[str], dataset: str) -> str:
-    header, rows = _display_rows(table, profiles)
-    lines = [r"% Needs \usepackage{booktabs}. Written by manidp table from the run folders.",
-             r"\begin{table*}[t]", r"\centering", r"\small",
-             r"\begin{tabular}{lll" + "r" * (len(header) - 4) + "l}", r"\toprule",
-             " & ".join(_tex(h) for h in header) + r" \\", r"\midrule"]
-    previous = None
-    for cells, (_, r) in zip(rows, table.iterrows()):
-        if previous is not None and r["backbone"] != previous:
-            lines.append(r"\midrule")
-        previous = r["backbone"]
-        cells = [_tex(c) for c in cells]
-        if r["source"] == "reported":
-            cells = [rf"\textit{{{c}}}" for c in cells]
-        lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}",
-              rf"\caption{{{_tex(dataset)}: mean $\pm$ std over seeds; gaps to the dense model of the same seed. "
-              r"Rows in italics are the paper's reported numbers.}}",
-              rf"\label{{tab:{re.sub('[^A-Za-z0-9]', '', dataset)}}}", r"\end{table*}"]
-    return "\n".join(lines) + "\n"
-
-
-def write_table(table: "pd.DataFrame", out_csv: Path, profiles: list[str], dataset: str) -> list[Path]:
+def write_table(table: "pd.DataFrame", out_csv: Path, profiles: list[str], dataset: str,
+                tolerance_pct: float = PAPER_TOLERANCE_PCT) -> list[Path]:
     """The tidy CSV, and the markdown and LaTeX versions beside it (same stem)."""
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     paths = [out_csv, out_csv.with_suffix(".md"), out_csv.with_suffix(".tex")]
     table.to_csv(paths[0], index=False, float_format="%.4f")
-    paths[1].write_text(to_markdown(table, profiles))
-    paths[2].write_text(to_latex(table, profiles, dataset))
+    paths[1].write_text(to_markdown(table, profiles, tolerance_pct))
+    paths[2].write_text(to_latex(table, profiles, dataset, tolerance_pct))
     return paths
+
+
+def write_per_seed(runs: "pd.DataFrame", out_csv: Path, profiles: list[str]) -> Path:
+    """One row per run: identity, accuracy, MACs, training budget, latency per profile (tidy CSV)."""
+    columns = ["dataset", "backbone", "method", "registered_method", "budget", "seed", "test_top1", "test_top5",
+               "top1_err", "top5_err", "top1_gap", "top5_gap", "macs_m", "macs_reduction_pct", "epochs",
+               "optimizer_steps", *_optional_present(runs)]
+    for p in profiles:
+        columns.append(f"speedup_{p}")
+        for key in _latency_columns(runs.columns, p):
+            columns += [f"{key}_{p}", f"{key}_iqr_{p}"]
+        columns += [f"macs_ratio_{p}", f"note_{p}"]
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    runs.reindex(columns=columns + ["run_dir"]).sort_values(
+        ["backbone", "budget", "method", "seed"], na_position="first", kind="stable").to_csv(
+        out_csv, index=False, float_format="%.4f")
+    return out_csv
+
+
+# ----------------------------------------------------------------- the recipe sweep (validation only)
+def _validation_run(run_dir: Path) -> dict:
+    """One sweep run's configuration and validation numbers; refuses anything that saw the test split."""
+    path = run_dir / "metrics.json"
+    m = _read_json(path)
+    test_keys = sorted(k for k in m if k.startswith("test_"))
+    if test_keys or (run_dir / "instances_test.csv").exists():
+        held = ", ".join(test_keys) if test_keys else "instances_test.csv"
+        raise UserError(f"{run_dir} holds test-split results ({held}): recipes are chosen on validation only; "
+                        f"sweep with validation-only runs (--set eval_splits=[val])")
+    if not (_is_number(m.get("val_top1")) and _is_number(m.get("val_macs_reduction"))):
+        raise UserError(f"{path} lacks val_top1 or val_macs_reduction: the tuning table needs each run's "
+                        f"validation numbers; re-run it to the end")
+    config = m.get("config")
+    train = config.get("train") if isinstance(config, dict) else None
+    if not isinstance(train, dict) or not _is_number(train.get("lr")) or not all(
+            k in config for k in ("method", "budget", "method_options", "seed")):
+        raise UserError(f"{path} lacks the resolved config (method, budget, method_options, seed, train.lr): "
+                        f"re-run it with this version of manidp train")
+    return {"method": config["method"], "budget": config["budget"], "lr": float(train["lr"]),
+            "method_options": json.dumps(config["method_options"] or {}, sort_keys=True),
+            "seed": config["seed"], "val_top1": float(m["val_top1"]),
+            "val_macs_reduction": float(m["val_macs_reduction"]), "run_dir": str(run_dir)}
+
+
+def tuning_table(run_dirs: Iterable[str | Path], tolerance: float = 0.02) -> "pd.DataFrame":
+    """Mean/std/n of validation top-1 and reduction per (method, budget, lr, method_options); the choice per method.
+
+    The chosen recipe of a method (at a budget) is the configuration with the
+    highest mean validation top-1 among those whose mean validation MACs
+    reduction lies within ``tolerance`` of the budget; where none does, the
+    one closest to the budget, flagged as a fallback.
+    """
+    import pandas as pd
+
+    if not _is_number(tolerance) or tolerance < 0:
+        raise UserError(f"--tolerance must be a non-negative fraction of the dense MACs (got {tolerance})")
+    runs = pd.DataFrame([_validation_run(Path(d)) for d in run_dirs])
+    if runs.empty:
+        raise UserError("no run folders given: pass --runs DIR ...")
+    keys = ["method", "budget", "lr", "method_options"]
+    twice = runs[runs.duplicated(keys + ["seed"], keep=False)]
+    if len(twice):
+        raise UserError("two run folders hold the same configuration and seed (" + ", ".join(twice["run_dir"]) +
+                        "): pass each run once")
+    rows = []
+    for (method, budget, lr, options), group in runs.groupby(keys, dropna=False, sort=True):
+        target = 0.0 if pd.isna(budget) else float(budget)
+        reduction = group["val_macs_reduction"].mean()
+        rows.append({"method": method, "budget": None if pd.isna(budget) else budget, "lr": lr,
+                     "method_options": options, "n_seeds": len(group),
+                     "seeds": " ".join(str(s) for s in sorted(group["seed"])),
+                     "val_top1_mean": group["val_top1"].mean(), "val_top1_std": group["val_top1"].std(ddof=1),
+                     "val_macs_reduction_mean": reduction,
+                     "val_macs_reduction_std": group["val_macs_reduction"].std(ddof=1),
+                     "budget_gap": abs(reduction - target),
+                     "within_tolerance": abs(reduction - target) <= tolerance + 1e-9,  # 0.4 - 0.3 > 0.1 in floats
+                     "chosen": False, "choice": "", "runs": " ".join(group["run_dir"])})
+    table = pd.DataFrame(rows)
+    for _, group in table.groupby(["method", "budget"], dropna=False, sort=False):
+        within = group[group["within_tolerance"]]
+        if len(within):
+            best = within.sort_values("val_top1_mean", ascending=False, kind="stable").index[0]
+            table.loc[best, "choice"] = f"highest validation top-1 within {tolerance:g} of the budget"
+        else:
+            best = group.sort_values(["budget_gap", "val_top1_mean"], ascending=[True, False], kind="stable").index[0]
+            table.loc[best, "choice"] = (f"FALLBACK: no configuration within {tolerance:g} of the budget; "
+                                         f"closest validation reduction")
+        table.loc[best, "chosen"] = True
+    return table.drop(columns="budget_gap")
 
 
 # ----------------------------------------------------------------- plots
@@ -316,11 +619,11 @@ def plot_pareto(runs: "pd.DataFrame", out: Path, dataset: str) -> None:
                         linestyle="-" if len(group) > 1 else "none")
         paper = reported[reported["backbone"] == backbone]
         if len(paper):
-            ax.scatter(100 - paper["macs_reduction_pct"], 100 - paper["top1_err"], facecolors="none",
+            ax.scatter(100 - paper["paper_macs_reduction_pct"], 100 - paper["paper_top1_err"], facecolors="none",
                        edgecolors="0.35", marker="s", s=50, label="paper, reported (hollow)")
             for _, r in paper.iterrows():
-                ax.annotate(r["method"], (100 - r["macs_reduction_pct"], 100 - r["top1_err"]), fontsize=7,
-                            color="0.35", xytext=(3, 3), textcoords="offset points")
+                ax.annotate(r["paper_method"], (100 - r["paper_macs_reduction_pct"], 100 - r["paper_top1_err"]),
+                            fontsize=7, color="0.35", xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("MACs (% of the dense model)")
         ax.set_ylabel("test top-1 accuracy (%)")
         _finish_axes(ax, f"{dataset} / {backbone}")
@@ -377,6 +680,44 @@ def plot_macs_vs_difficulty(runs: "pd.DataFrame", out: Path, dataset: str) -> No
     _save_figure(fig, "Per-instance MACs vs difficulty, mean ± std over seeds", out)
 
 
+def plot_speedup(runs: "pd.DataFrame", out: Path, dataset: str, profiles: list[str]) -> None:
+    """Top-1 accuracy against measured speed-up, one panel per backbone and hardware profile.
+
+    Hollow markers: the speed-up the MACs reduction alone would give (dense
+    MACs / MACs), the ceiling a deployed form can approach. A profile whose
+    device was absent says so in its panel instead of plotting anything.
+    """
+    if not profiles:
+        raise UserError("--speedup needs latency_{profile}.json files in the run folders: run the latency step "
+                        "first")
+    table = summarize_runs(runs, profiles)
+    panels = [(b, p) for b in table["backbone"].unique() for p in profiles]
+    plt, fig, axes = _figure(len(panels))
+    style = _styles(sorted(table["method"].unique()))
+    for ax, (backbone, profile) in zip(axes, panels):
+        ours = table[table["backbone"] == backbone]
+        measured = ours[ours[f"speedup_{profile}"].notna()]
+        missing = ours[ours[f"speedup_{profile}"].isna()]
+        for method, group in measured.groupby("method", sort=True):
+            color, marker = style[method]
+            accuracy = 100 - group["top1_err"]
+            ax.errorbar(group[f"speedup_{profile}"], accuracy, xerr=group[f"speedup_{profile}_std"].fillna(0),
+                        yerr=group["top1_err_std"].fillna(0), fmt=marker, color=color, capsize=3, label=method,
+                        markersize=11 if method == "dense" else 7, linestyle="-" if len(group) > 1 else "none")
+            if method != "dense":
+                ax.scatter(100 / (100 - group["macs_reduction_pct"]), accuracy, facecolors="none", edgecolors=color,
+                           marker=marker, s=45)
+        ax.axvline(1.0, color="0.6", linestyle=":", label="dense speed; hollow: MACs-ratio ceiling")
+        if len(missing):
+            ax.text(0.02, 0.02, "no measurement: " + "; ".join(
+                f"{r['method']} @ {r['budget_pct']:g} % ({r[f'latency_status_{profile}']})"
+                for _, r in missing.iterrows()), transform=ax.transAxes, fontsize=7, va="bottom", wrap=True)
+        ax.set_xlabel(f"measured speed-up over dense ({profile}, batch 1)")
+        ax.set_ylabel("test top-1 accuracy (%)")
+        _finish_axes(ax, f"{dataset} / {backbone} / {profile}")
+    _save_figure(fig, "Accuracy vs measured speed-up, mean ± std over seeds", out)
+
+
 def _finish_axes(ax, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -403,6 +744,10 @@ def _table_args(p) -> None:
     _runs_args(p)
     p.add_argument("--profiles", nargs="*", default=[], help="hardware profiles with latency_{profile}.json files")
     p.add_argument("--out", required=True, help="CSV to write; .md and .tex are written beside it")
+    p.add_argument("--per-seed", metavar="CSV", help="also write one row per run to this CSV")
+    p.add_argument("--paper-tolerance", type=float, default=PAPER_TOLERANCE_PCT, metavar="POINTS",
+                   help="a paper row sits on ours when its FLOPs reduction is within this many percentage points "
+                        f"of our budget (default {PAPER_TOLERANCE_PCT:g})")
 
 
 def _check_dataset(runs, dataset: str) -> None:
@@ -412,9 +757,16 @@ def _check_dataset(runs, dataset: str) -> None:
 
 
 def _table(args) -> int:
+    if not _is_number(args.paper_tolerance) or args.paper_tolerance < 0:
+        raise UserError(f"--paper-tolerance must be a non-negative number of percentage points "
+                        f"(got {args.paper_tolerance})")
     runs = load_runs(args.runs, args.profiles)
     _check_dataset(runs, args.dataset)
-    paths = write_table(build_table(runs, args.profiles), Path(args.out), list(args.profiles), args.dataset)
+    profiles = list(args.profiles)
+    paths = write_table(build_table(runs, profiles, args.paper_tolerance), Path(args.out), profiles, args.dataset,
+                        args.paper_tolerance)
+    if args.per_seed:
+        paths.append(write_per_seed(runs, Path(args.per_seed), profiles))
     print("wrote " + ", ".join(map(str, paths)))
     return 0
 
@@ -423,14 +775,41 @@ def _plot_args(p) -> None:
     _runs_args(p)
     p.add_argument("--pareto", required=True, help="PNG: accuracy vs MACs")
     p.add_argument("--difficulty", required=True, help="PNG: per-instance MACs vs difficulty")
+    p.add_argument("--speedup", help="PNG: accuracy vs measured speed-up, per profile found in the run folders")
 
 
 def _plot(args) -> int:
-    runs = load_runs(args.runs)
+    profiles = find_profiles(args.runs) if args.speedup else []
+    runs = load_runs(args.runs, profiles)
     _check_dataset(runs, args.dataset)
     plot_pareto(runs, Path(args.pareto), args.dataset)
     plot_macs_vs_difficulty(runs, Path(args.difficulty), args.dataset)
-    print(f"wrote {args.pareto}, {args.difficulty}")
+    written = [args.pareto, args.difficulty]
+    if args.speedup:
+        plot_speedup(runs, Path(args.speedup), args.dataset, profiles)
+        written.append(args.speedup)
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def _tuning_args(p) -> None:
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
+                   help="validation-only run folders of the recipe sweep")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="how far (fraction of dense MACs) a configuration's mean validation reduction may lie "
+                        "from the budget (default 0.02)")
+
+
+def _tuning(args) -> int:
+    table = tuning_table(args.runs, args.tolerance)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False, float_format="%.4f")
+    chosen = table[table["chosen"]]
+    print(f"wrote {out}: {len(table)} configurations, chosen: " + "; ".join(
+        f"{r['method']} lr {r['lr']:g} {r['method_options']}" + (" (fallback)" if r["choice"].startswith("FALLBACK")
+                                                                 else "") for _, r in chosen.iterrows()))
     return 0
 
 
@@ -483,7 +862,10 @@ def _summary(args) -> int:
 
 register_subcommand("table", "per-dataset table (csv, md, tex) from run folders, beside the paper's rows",
                     _table_args, _table)
-register_subcommand("plot", "accuracy-vs-MACs and MACs-vs-difficulty plots from run folders", _plot_args, _plot)
+register_subcommand("plot", "accuracy-vs-MACs, MACs-vs-difficulty and accuracy-vs-speed-up plots from run folders",
+                    _plot_args, _plot)
+register_subcommand("tuning-table", "validation-only recipe sweep: mean/std/n per configuration, the chosen recipe",
+                    _tuning_args, _tuning)
 register_subcommand("tracking-parent", "find or create the MLflow parent run of a (dataset, backbone)",
                     _parent_args, _parent)
 register_subcommand("tracking-summary", "MLflow summary run of a dataset: tables and plots as artifacts",
