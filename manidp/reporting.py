@@ -82,6 +82,8 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path} is missing: run the workflow step that writes it first") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON ({err}); delete it and re-run its step") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} does not hold a JSON object; delete it and re-run its step")
     return data
@@ -188,6 +190,7 @@ def load_runs(run_dirs: Iterable[str | Path], profiles: Iterable[str] = ()) -> "
             "macs_m": m["macs"] / 1e6, "macs_dense_m": m["macs_dense"] / 1e6,
             "macs_reduction_pct": 100.0 * m["macs_reduction"],
             "macs_theoretical": bool(info.get("macs_theoretical", False)),
+            "variant": info.get("variant") if isinstance(info.get("variant"), str) else None,
             "epochs": epochs, "optimizer_steps": steps,
             **{key: _recorded(m, key) for key in OPTIONAL_VAL},
             "spearman_macs_severity": m.get("spearman_macs_severity"),
@@ -239,6 +242,7 @@ def summarize_runs(runs: "pd.DataFrame", profiles: Iterable[str] = ()) -> "pd.Da
                "budget_pct": None if pd.isna(budget) else round(100 * budget, 1), "n_seeds": len(group)}
         notes = ["MACs theoretical (per-activation gating; dense kernels skip nothing)"
                  if group["macs_theoretical"].any() else None]
+        notes += sorted(f"variant: {v}" for v in set(group["variant"].dropna()))
         for budget_key in ("epochs", "optimizer_steps"):
             values = group[budget_key].dropna().unique()
             row[budget_key] = values.max() if len(values) else math.nan
@@ -413,7 +417,7 @@ def _budget_statement(table: "pd.DataFrame") -> str:
             finetune = budgets
         if budgets:
             parts.append(f"{label} " + ", ".join(
-                ("epochs not recorded" if e == _DASH else f"{e} epochs") +
+                ("epochs not recorded" if e == _DASH else f"{e} epoch{'' if e == '1' else 's'}") +
                 (" (optimizer steps not recorded)" if s == _DASH else f" ({s} optimizer steps)") for e, s in budgets))
     text = "Training budget: " + "; ".join(parts) + "."
     if len(finetune) > 1:
@@ -756,6 +760,19 @@ def _check_dataset(runs, dataset: str) -> None:
         raise UserError(f"--dataset is {dataset} but some run folders hold {', '.join(other)}")
 
 
+def _writing(func):
+    """A subcommand whose output files cannot be written says so in one message."""
+    def run(args) -> int:
+        try:
+            return func(args)
+        except OSError as err:
+            raise UserError(f"cannot write {err.filename or 'an output file'}: {err.strerror or err}; "
+                            f"choose a place you can write to") from None
+
+    return run
+
+
+@_writing
 def _table(args) -> int:
     if not _is_number(args.paper_tolerance) or args.paper_tolerance < 0:
         raise UserError(f"--paper-tolerance must be a non-negative number of percentage points "
@@ -778,6 +795,7 @@ def _plot_args(p) -> None:
     p.add_argument("--speedup", help="PNG: accuracy vs measured speed-up, per profile found in the run folders")
 
 
+@_writing
 def _plot(args) -> int:
     profiles = find_profiles(args.runs) if args.speedup else []
     runs = load_runs(args.runs, profiles)
@@ -801,6 +819,7 @@ def _tuning_args(p) -> None:
                         "from the budget (default 0.02)")
 
 
+@_writing
 def _tuning(args) -> int:
     table = tuning_table(args.runs, args.tolerance)
     out = Path(args.out)

@@ -70,7 +70,8 @@ def digits_runs(tmp_path) -> list[Path]:
         runs.append(make_run(tmp_path, "digits-c", "cifar_resnet20", "manidp", seed, manidp, budget=0.4,
                              reduction=0.41, dynamic=True, latency=ok_latency(1.5 + seed, spread=0.1)))
         runs.append(make_run(tmp_path, "digits-c", "cifar_resnet20", "l1", seed, l1, budget=0.4,
-                             reduction=0.40, latency=ok_latency(1.2)))
+                             reduction=0.40, latency=ok_latency(1.2),
+                             method_info={"name": "l1", "variant": "the authors' schedule"}))
     runs.append(make_run(tmp_path, "digits-c", "cifar_resnet20", "channel_gating", 0, 82.0, budget=0.4,
                          reduction=0.42, dynamic=True,
                          latency={"status": "unavailable", "reason": "no CUDA device is available"},
@@ -99,6 +100,7 @@ def test_table_means_stds_and_per_seed_gaps(digits_runs):
     assert math.isnan(gating["speedup_cpu-2t"]) and math.isnan(gating["top1_err_std"])
     assert gating["latency_status_cpu-2t"] == "unavailable"
     assert "theoretical" in gating["notes"] and "unavailable: no CUDA device" in gating["notes"]
+    assert "variant: the authors' schedule" in table.set_index("method").loc["l1", "notes"]
     assert not (table["source"] == "reported").any()
 
 
@@ -315,6 +317,14 @@ def test_table_and_plot_commands(digits_runs, tmp_path, capsys):
     assert "metrics.json is missing" in capsys.readouterr().err
     assert main(["table", "--dataset", "digits-c", "--runs", *dirs, "--out", str(out), "--paper-tolerance", "-1"]) == 2
     assert "--paper-tolerance must be" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["table", "--dataset", "digits-c", "--runs", *dirs, "--out", str(blocker / "t.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "a-file" in err and "Traceback" not in err
+    assert main(["plot", "--dataset", "digits-c", "--runs", *dirs, "--pareto", str(tmp_path / "p.png"),
+                 "--difficulty", str(tmp_path / "d.png"), "--speedup", str(blocker / "s.png")]) == 2
+    assert "a-file" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------- the tuning table
