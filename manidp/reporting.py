@@ -247,15 +247,15 @@ def summarize_runs(runs: "pd.DataFrame", profiles: Iterable[str] = ()) -> "pd.Da
             values = group[budget_key].dropna().unique()
             row[budget_key] = values.max() if len(values) else math.nan
             if len(values) > 1:
-                notes.append(f"{budget_key.replace('_', ' ')} differ across seeds ({', '.join(f'{v:g}' for v in sorted(values))})")
+                listed = ", ".join(f"{v:g}" for v in sorted(values))
+                notes.append(f"{budget_key.replace('_', ' ')} differ across seeds ({listed})")
         for measure in measures:
             values = pd.to_numeric(group[measure], errors="coerce")
             row[measure] = values.mean()
             row[f"{measure}_std"] = values.std(ddof=1) if values.notna().sum() > 1 else math.nan
         for p in profiles:
             for key in latency[p]:  # the spread over repeats, averaged over seeds
-                row[f"{key}_iqr_{p}"] = pd.to_numeric(group.get(f"{key}_iqr_{p}"), errors="coerce").mean() \
-                    if f"{key}_iqr_{p}" in group else math.nan
+                row[f"{key}_iqr_{p}"] = pd.to_numeric(group[f"{key}_iqr_{p}"], errors="coerce").mean()
             statuses = {"ok" if n is None or pd.isna(n) else n.split(":")[0] for n in group[f"note_{p}"]}
             row[f"latency_status_{p}"] = "ok" if statuses == {"ok"} else "; ".join(sorted(statuses))
         notes += [f"{p}: {n}" for p in profiles for n in sorted(set(group[f"note_{p}"].dropna()))]
@@ -390,8 +390,8 @@ def _display(table: "pd.DataFrame", profiles: list[str]) -> "pd.DataFrame":
                 spread = r.get(f"{key}_iqr_{p}")
                 cells[label] = text + (f" (IQR {spread:.3f})" if text != _DASH and _is_number(spread) else "")
         cells["n"] = str(int(r["n_seeds"])) if ours else _DASH
+        matched = with_paper and isinstance(r["paper_method"], str)
         if with_paper:
-            matched = isinstance(r["paper_method"], str)
             cells.update({
                 "Paper method": r["paper_method"] if matched else _DASH,
                 "Top-1 err. reported (%)": _fmt(r["paper_top1_err"]),
@@ -400,7 +400,7 @@ def _display(table: "pd.DataFrame", profiles: list[str]) -> "pd.DataFrame":
                 "Top-1 drop, ours - reported": _fmt(r["top1_drop_vs_paper"], signed=True),
                 "MACs red., ours - reported": _fmt(r["macs_reduction_vs_paper"], digits=1, signed=True),
             })
-        cells["Source"] = "ours" + (f" + reported ({r['paper_reference']})" if with_paper and matched else "") \
+        cells["Source"] = "ours" + (f" + reported ({r['paper_reference']})" if matched else "") \
             if ours else f"reported ({r['paper_reference']})"
         rows.append(cells)
     return pd.DataFrame(rows)
@@ -412,7 +412,9 @@ def _budget_statement(table: "pd.DataFrame") -> str:
     parts, finetune = [], set()
     for label, rows in (("dense training", ours[ours["budget_pct"].isna()]),
                         ("fine-tuning", ours[ours["budget_pct"].notna()])):
-        budgets = sorted({(_count(e), _count(s)) for e, s in zip(rows["epochs"], rows["optimizer_steps"])})
+        order = {(_count(e), _count(s)): (_number(e), _number(s)) for e, s in zip(rows["epochs"],
+                                                                                rows["optimizer_steps"])}
+        budgets = sorted(order, key=lambda b: [math.inf if math.isnan(v) else v for v in order[b]])
         if label == "fine-tuning":
             finetune = budgets
         if budgets:
