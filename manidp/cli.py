@@ -1,14 +1,19 @@
 """``manidp``: the command line every workflow rule and user drives.
 
 Subcommands: train, evaluate, macs, datasets, backbones, methods, tracking.
-Mistakes a user can fix (unknown names, missing paths, malformed config,
-corrupt checkpoints) print one message and exit with status 2.
+Mistakes a user can fix (unknown names, missing paths, malformed config, a
+flag or config value of the wrong type or out of range, corrupt checkpoints)
+print one line and exit with status 2, before any work starts and before
+anything is written.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -39,6 +44,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", help="dense run folder or checkpoint to start from")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int)
+    p.add_argument("--force", action="store_true",
+                   help="retrain in --out even if it holds a finished or unfinished run with another config")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -55,18 +62,41 @@ def _resolve_train_config(args) -> dict:
 def _train(args) -> int:
     import yaml
 
+    from manidp.config import check_run_folder, check_runnable, default_out_dir
+
     cfg = _resolve_train_config(args)
     if args.print_config:
         print(yaml.safe_dump(cfg, sort_keys=False))
         return 0
+    cfg = check_runnable(cfg)
+    out = Path(cfg["out"]) if cfg["out"] else default_out_dir(cfg)
+    check_run_folder(out, cfg, force=args.force)
+    if args.force:
+        _clear_run_folder(out)
     from manidp.engine import train
 
     train(cfg)
     return 0
 
 
+# What a training run (and the workflow's latency step) writes into its folder; --force removes it.
+_RUN_FILES = ("checkpoint.pt", "metrics.json", "model.pt", "history.jsonl", "config.yaml", "tracking.json",
+              "tracking_pending.json", "instances_*.csv", "latency_*.json")
+
+
+def _clear_run_folder(out: Path) -> None:
+    for pattern in _RUN_FILES:
+        for path in out.glob(pattern):
+            path.unlink()
+
+
 @command("evaluate", "evaluate a trained model (run folder or model.pt) on a split")
 def _evaluate(args) -> int:
+    if not Path(args.model).exists():
+        raise UserError(f"{args.model} not found: give a run folder or a model.pt file")
+    if Path(args.model).is_dir() and not (Path(args.model) / "model.pt").is_file():
+        raise UserError(f"{args.model} holds no model.pt: train that run to the end first")
+    _check_device(args.device)
     from manidp.engine import evaluate_run
 
     summary = evaluate_run(args.model, args.split, Path(args.out) if args.out else None, args.device)
@@ -123,21 +153,31 @@ def _methods(args) -> int:
 def _tracking(args) -> int:
     from manidp import tracking
 
-    if args.action == "init":
+    if args.action == "import":
+        if not args.run_dir:
+            raise UserError("tracking import needs a run folder: manidp tracking import RUN_DIR [RUN_DIR ...]")
+        for run_dir in args.run_dir:
+            run_id = tracking.import_run(run_dir, args.uri)
+            print(f"imported {run_dir} as MLflow run {run_id}")
+    elif args.run_dir:
+        raise UserError("tracking init takes no run folder (did you mean: manidp tracking import RUN_DIR?)")
+    else:
         uri = tracking.init_store(args.uri, tuple(args.experiment))
         print(f"MLflow store ready: {uri}")
-    else:
-        if not args.run_dir:
-            raise UserError("tracking import needs a run folder: manidp tracking import RUN_DIR")
-        run_id = tracking.import_run(args.run_dir, args.uri)
-        print(f"imported {args.run_dir} as MLflow run {run_id}")
     return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from manidp._version import __version__
 
-    parser = argparse.ArgumentParser(prog="manidp", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="manidp", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"manidp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (func, help_text) in _COMMANDS.items():
@@ -151,7 +191,7 @@ def _evaluate_args(p):
     p.add_argument("model", help="run folder or model.pt")
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.add_argument("--out", help="per-instance CSV to write (default: beside the model)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
 
 
 def _macs_args(p):
@@ -164,7 +204,7 @@ def _macs_args(p):
 
 def _tracking_args(p):
     p.add_argument("action", choices=("init", "import"))
-    p.add_argument("run_dir", nargs="?")
+    p.add_argument("run_dir", nargs="*", help="finished run folder(s) to import")
     p.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///results/mlflow.db)")
     p.add_argument("--experiment", action="append", default=[], help="experiment to create (repeatable)")
 
@@ -189,18 +229,92 @@ def _load_plugins() -> None:
                 raise
 
 
+# ----------------------------------------------------------------- flags, checked before any work
+#: Lowest valid value of each numeric flag, by its argparse name, whichever subcommand defines it.
+_FLAG_MINIMUM = {"threads": 1, "batch_size": 1, "instances": 1, "repeats": 1, "warmup": 0, "epochs": 0, "seed": 0,
+                 "input_size": 1, "in_chans": 1, "num_classes": 1}
+#: Flags naming a file a subcommand writes (train's --out is a folder, checked with the run's config).
+_OUTPUT_FILES = ("out", "pareto", "difficulty")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available on this machine; use --device cpu")
+
+
+def _check_output_file(flag: str, path: Path) -> None:
+    from manidp.config import can_write_in
+
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give the file to write")
+    existing = next(p for p in [*path.parents, Path(".")] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, so nothing can be written below it")
+    if not can_write_in(existing) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path}: cannot write there; choose a place you can write to")
+
+
+def _check_flags(args) -> None:
+    """Type and range of every flag, whichever subcommand defines it."""
+    for dest, value in vars(args).items():
+        if dest in _FLAG_MINIMUM and value is not None and value < _FLAG_MINIMUM[dest]:
+            raise UserError(f"{_flag(dest)} must be >= {_FLAG_MINIMUM[dest]}, got {value}")
+        if dest == "budget" and value is not None and not 0 <= value < 1:
+            raise UserError(f"--budget is a requested MACs reduction in [0, 1), got {value:g}")
+        if dest in _OUTPUT_FILES and value and args.command != "train":
+            _check_output_file(_flag(dest), Path(value))
+
+
+def _raise_on_sigterm(signum, frame):
+    # SystemExit unwinds like an error does, so the run is closed as KILLED in MLflow.
+    raise SystemExit(128 + signum)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"manidp: warning: {message}", file=sys.stderr)
+
+
+def _abort_open_runs(error: BaseException) -> None:
+    tracking = sys.modules.get("manidp.tracking")
+    if tracking is not None:
+        tracking.abort_open_runs(error)
+
+
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", category=FutureWarning)
     _load_plugins()
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # a usage error (one line already printed), --help or --version
+        return stop.code if isinstance(stop.code, int) else 2
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if main_thread else None
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.showwarning = _show_warning
+            _check_flags(args)
+            return args.func(args)
     except UserError as err:
+        _abort_open_runs(err)
         print(f"manidp {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        _abort_open_runs(err)
         print("manidp: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except BaseException as err:
+        _abort_open_runs(err)
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

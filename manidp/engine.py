@@ -35,7 +35,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from manidp import _version
-from manidp.config import default_out_dir
+from manidp.config import check_run_folder, check_runnable, config_differences, default_out_dir
 from manidp.data import build_dataset
 from manidp.errors import UserError
 from manidp.evaluation import evaluate, summarize, write_instances
@@ -238,9 +238,9 @@ def train(cfg: dict) -> Path:
     dist = _Distributed(cfg["runtime"]["device"])
     log = _log(dist)
     out = Path(cfg["out"]) if cfg["out"] else default_out_dir(cfg)
-    cfg = {**cfg, "out": str(out)}
-    if (out / "metrics.json").is_file() and (out / "model.pt").is_file():
-        log(f"{out}: already finished (metrics.json exists); delete the folder to train again")
+    cfg = {**check_runnable(cfg), "out": str(out)}
+    if check_run_folder(out, cfg) == "finished":
+        log(f"{out}: already finished with this config; add --force (or delete the folder) to train again")
         return out
     if cfg["runtime"]["threads"]:
         torch.set_num_threads(cfg["runtime"]["threads"])
@@ -271,8 +271,10 @@ def train(cfg: dict) -> Path:
         state = load_state_file(checkpoint_file)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{checkpoint_file} is not a manidp training checkpoint; delete it to start over")
-        if _comparable(state["config"]) != _comparable(cfg):
-            raise UserError(f"{out} holds a run with a different config; choose another --out or delete the folder")
+        changed = config_differences(state["config"], cfg)
+        if changed:
+            raise UserError(f"{out} holds an unfinished run with a different config ({'; '.join(changed)}); "
+                            "add --force to retrain it there, or choose another --out")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -284,7 +286,7 @@ def train(cfg: dict) -> Path:
     if dist.main:
         _atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     tracker = RunTracker(out, cfg, enabled=dist.main)
-    tracker.start()
+    tracker.start(resume_history=history)
 
     forward_model = model
     if dist.world_size > 1:
@@ -317,7 +319,7 @@ def train(cfg: dict) -> Path:
                 log(_epoch_line(row, cfg))
             dist.barrier()
     except BaseException:
-        tracker.finish(status="KILLED" if not isinstance(sys.exc_info()[1], UserError) else "FAILED")
+        tracker.abort(sys.exc_info()[1])
         raise
 
     model = method.finalize(model, ctx)
@@ -328,18 +330,13 @@ def train(cfg: dict) -> Path:
         metrics.update({"wall_time_s": train_time, "epochs_trained": len(history),
                         "optimizer_steps": len(history) * len(train_loader)})
         _write_final(model, method, splits, cfg, dense_macs, metrics, out)
-        tracker.log_metrics(_numeric(metrics))
+        tracker.log_metrics(_numeric(metrics), step=len(history))  # after the last epoch's step
         tracker.finish([out / "metrics.json", out / "config.yaml", out / "history.jsonl"])
         split = "test" if test_loader is not None else "val"
         log(f"{out}: {split} top-1 {metrics[f'{split}_top1']:.2f} %, MACs {metrics['macs'] / 1e6:.3f} M "
             f"({metrics['macs_reduction'] * 100:.1f} % fewer), {train_time:.1f} s")
     dist.barrier()
     return out
-
-
-def _comparable(cfg: dict) -> dict:
-    """Config keys that must match for a checkpoint to be resumed."""
-    return {k: v for k, v in cfg.items() if k not in ("out", "tracking", "runtime")}
 
 
 def _epoch_line(row: dict, cfg: dict) -> str:

@@ -87,7 +87,9 @@ def test_killed_run_resumes_from_checkpoint_and_continues_its_mlflow_run(tmp_pat
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("digits-c").experiment_id])
-    assert len(runs) == 2  # one per run folder: the resumed run was not duplicated
+    # One per result: the reference folder holds the same result (same config), so the killed run,
+    # starting from scratch, replaced its run; resuming continued that run instead of adding one.
+    assert [r.info.run_id for r in runs] == [run_id]
     resumed = client.get_run(run_id)
     assert resumed.info.status == "FINISHED" and "test_top1" in resumed.data.metrics
 
