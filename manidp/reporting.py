@@ -138,17 +138,28 @@ def _iqr(values) -> float:
     return float(p75 - p25)
 
 
+def _hardware(report: dict) -> Optional[str]:
+    """The measuring machine as the latency file describes it (its ``profile`` fields, whatever they are)."""
+    profile = report.get("profile")
+    if not isinstance(profile, dict):
+        return None
+    fields = [f"{key} {value}" for key, value in profile.items()
+              if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip()]
+    return ", ".join(fields) or None
+
+
 def _latency(path: Path) -> tuple[dict, str]:
     """(numbers, status) of one latency file: the speed-up and every ``*_ms`` median with its IQR over repeats.
 
     Later versions of the file may add timings (an optimized dense reference,
     spreads); every ``*_ms`` number present is taken, nothing is assumed.
+    ``numbers["hardware"]`` describes the machine where the file says.
     """
     if not path.is_file():
         return {}, "not measured"
     report = _read_json(path)
     if report.get("status") == "unavailable":
-        return {}, f"unavailable: {report.get('reason', 'no reason given')}"
+        return {"hardware": _hardware(report)}, f"unavailable: {report.get('reason', 'no reason given')}"
     if not _is_number(report.get("speedup")):
         raise UserError(f"{path} has no numeric 'speedup'; delete it and re-run its latency step")
     numbers = {"speedup": float(report["speedup"])}
@@ -159,6 +170,7 @@ def _latency(path: Path) -> tuple[dict, str]:
             numbers[f"{key}_iqr"] = spread if not math.isnan(spread) else _number(report.get(f"{key}_iqr"))
     if _is_number(report.get("macs_ratio")):
         numbers["macs_ratio"] = float(report["macs_ratio"])
+    numbers["hardware"] = _hardware(report)
     return numbers, "ok"
 
 
@@ -258,6 +270,7 @@ def summarize_runs(runs: "pd.DataFrame", profiles: Iterable[str] = ()) -> "pd.Da
                 row[f"{key}_iqr_{p}"] = pd.to_numeric(group[f"{key}_iqr_{p}"], errors="coerce").mean()
             statuses = {"ok" if n is None or pd.isna(n) else n.split(":")[0] for n in group[f"note_{p}"]}
             row[f"latency_status_{p}"] = "ok" if statuses == {"ok"} else "; ".join(sorted(statuses))
+            row[f"hardware_{p}"] = "; ".join(sorted(set(group.get(f"hardware_{p}", pd.Series()).dropna())))
         notes += [f"{p}: {n}" for p in profiles for n in sorted(set(group[f"note_{p}"].dropna()))]
         row["notes"] = "; ".join(n for n in notes if n)
         out.append(row)
@@ -436,6 +449,10 @@ def _footer(table: "pd.DataFrame", profiles: list[str], tolerance_pct: float) ->
                      "deployed form skips pruned channels). Latency: per-instance ms, median over repeats with the "
                      "interquartile range over repeats in brackets, averaged over seeds. 'unavailable': the "
                      "profile's device was absent where it was measured.")
+        for p in profiles:
+            machines = sorted({m for cell in table.get(f"hardware_{p}", ()) if isinstance(cell, str) and cell
+                               for m in cell.split("; ")})
+            lines += [f"Profile {p} measured on: {m}." for m in machines]
     if (table["source"] == "reported").any() or ("paper_method" in table and table["paper_method"].notna().any()):
         lines.append(f"Columns and rows marked reported are the paper's printed numbers, not ours (its FLOPs "
                      f"reduction in the MACs column). A paper row sits on our row of the same method when its "
@@ -506,7 +523,7 @@ def write_per_seed(runs: "pd.DataFrame", out_csv: Path, profiles: list[str]) -> 
         columns.append(f"speedup_{p}")
         for key in _latency_columns(runs.columns, p):
             columns += [f"{key}_{p}", f"{key}_iqr_{p}"]
-        columns += [f"macs_ratio_{p}", f"note_{p}"]
+        columns += [f"macs_ratio_{p}", f"note_{p}", f"hardware_{p}"]
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     runs.reindex(columns=columns + ["run_dir"]).sort_values(
         ["backbone", "budget", "method", "seed"], na_position="first", kind="stable").to_csv(
@@ -571,7 +588,7 @@ def tuning_table(run_dirs: Iterable[str | Path], tolerance: float = 0.02) -> "pd
                      "val_macs_reduction_std": group["val_macs_reduction"].std(ddof=1),
                      "budget_gap": abs(reduction - target),
                      "within_tolerance": abs(reduction - target) <= tolerance + 1e-9,  # 0.4 - 0.3 > 0.1 in floats
-                     "chosen": False, "choice": "", "runs": " ".join(group["run_dir"])})
+                     "chosen": False, "fallback": False, "choice": "", "runs": " ".join(group["run_dir"])})
     table = pd.DataFrame(rows)
     for _, group in table.groupby(["method", "budget"], dropna=False, sort=False):
         within = group[group["within_tolerance"]]
@@ -582,6 +599,7 @@ def tuning_table(run_dirs: Iterable[str | Path], tolerance: float = 0.02) -> "pd
             best = group.sort_values(["budget_gap", "val_top1_mean"], ascending=[True, False], kind="stable").index[0]
             table.loc[best, "choice"] = (f"FALLBACK: no configuration within {tolerance:g} of the budget; "
                                          f"closest validation reduction")
+            table.loc[best, "fallback"] = True
         table.loc[best, "chosen"] = True
     return table.drop(columns="budget_gap")
 
@@ -829,8 +847,8 @@ def _tuning(args) -> int:
     table.to_csv(out, index=False, float_format="%.4f")
     chosen = table[table["chosen"]]
     print(f"wrote {out}: {len(table)} configurations, chosen: " + "; ".join(
-        f"{r['method']} lr {r['lr']:g} {r['method_options']}" + (" (fallback)" if r["choice"].startswith("FALLBACK")
-                                                                 else "") for _, r in chosen.iterrows()))
+        f"{r['method']} lr {r['lr']:g} {r['method_options']}" + (" (fallback)" if r["fallback"] else "")
+        for _, r in chosen.iterrows()))
     return 0
 
 

@@ -51,7 +51,7 @@ def ok_latency(speedup: float, spread: float = 0.0) -> dict:
     """A latency file as ``manidp latency`` writes it: medians, their ratio and every repeat's time."""
     deployed = 2.0 / speedup
     return {"status": "ok", "dense_ms": 2.0, "deployed_ms": deployed, "latency_ratio": 1 / speedup,
-            "speedup": speedup, "macs_ratio": 0.5,
+            "speedup": speedup, "macs_ratio": 0.5, "profile": {"device": "cpu", "threads": 2, "processor": ""},
             "dense_ms_repeats": [2.0, 2.0, 2.0],
             "deployed_ms_repeats": [deployed - spread, deployed, deployed + spread]}
 
@@ -122,6 +122,7 @@ def test_markdown_and_latex(digits_runs, tmp_path):
     assert "Training budget: dense training 10 epochs (200 optimizer steps); fine-tuning 3 epochs (60 optimizer " \
            "steps)." in markdown
     assert "channel_gating: MACs theoretical" in markdown
+    assert "Profile cpu-2t measured on: device cpu, threads 2." in markdown  # empty fields left out
     latex = paths[2].read_text()
     for text in (r"\toprule", r"\midrule", r"\bottomrule", r"16.00 $\pm$ 0.00", r"channel\_gating",
                  r"Top-1 err. (\%)", r"1.067 (IQR 0.100)", r"\caption{", r"\end{table*}"):
@@ -271,7 +272,7 @@ def test_per_seed_csv(digits_runs, tmp_path):
     assert list(rows.columns[:6]) == ["dataset", "backbone", "method", "registered_method", "budget", "seed"]
     for column in ("test_top1", "test_top5", "macs_m", "macs_reduction_pct", "epochs", "optimizer_steps",
                    "speedup_cpu-2t", "deployed_ms_cpu-2t", "deployed_ms_iqr_cpu-2t", "dense_ms_cpu-2t",
-                   "note_cpu-2t", "run_dir"):
+                   "note_cpu-2t", "hardware_cpu-2t", "run_dir"):
         assert column in rows.columns
     manidp = rows[rows["method"] == "manidp"].set_index("seed")
     assert manidp.loc[1, "speedup_cpu-2t"] == pytest.approx(2.5) and manidp.loc[1, "test_top1"] == pytest.approx(84.0)
@@ -372,6 +373,7 @@ def test_tuning_table_chooses_within_tolerance_and_flags_fallbacks(sweep):
     manidp = table[table["method"] == "manidp"].set_index("method_options")
     chosen = manidp[manidp["chosen"]]
     assert chosen.index.tolist() == ['{"lambda": 2.0}'] and chosen["choice"].iloc[0].startswith("FALLBACK")
+    assert chosen["fallback"].all() and not table.loc[table["method"] == "fpgm", "fallback"].any()
     # A looser tolerance lets the more accurate setting in, chosen without a flag.
     loose = reporting.tuning_table(sweep, tolerance=0.1)
     pick = loose[(loose["method"] == "manidp") & loose["chosen"]].iloc[0]
