@@ -4,8 +4,11 @@ Every test passes its own ``cache_dir`` so nothing touches ``~/.cache``.
 """
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 
@@ -136,6 +139,32 @@ def test_digits_c_corrupt_cache_is_regenerated(tmp_path, digits):
     assert rebuilt.info["cache_hit"] is False
     _assert_same(rebuilt, digits)
     assert build_dataset("digits-c", {"cache_dir": str(tmp_path)}).info["cache_hit"] is True
+
+
+def test_digits_c_bit_flipped_cache_is_rebuilt(tmp_path, digits):
+    """16 flipped pixels leave a loadable file: the stored checksum catches them."""
+    first = build_dataset("digits-c", {"cache_dir": str(tmp_path)})
+    path = Path(first.info["cache_path"])
+    data = torch.load(path, weights_only=True)
+    flat = data["test_images"].view(-1)
+    flat[:16] = -flat[:16] + 1.0
+    torch.save(data, path)
+    assert torch.load(path, weights_only=True)["checksum"] == data["checksum"]  # still a valid file
+    with pytest.warns(UserWarning, match="do not match the checksum"):
+        rebuilt = build_dataset("digits-c", {"cache_dir": str(tmp_path)})
+    assert rebuilt.info["cache_hit"] is False
+    _assert_same(rebuilt, digits)
+    assert build_dataset("digits-c", {"cache_dir": str(tmp_path)}).info["cache_hit"] is True
+
+
+def test_digits_c_cache_file_mode_follows_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        splits = build_dataset("digits-c", {"cache_dir": str(tmp_path), "max_train": 4, "max_eval": 4})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(Path(splits.info["cache_path"]).stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == [Path(splits.info["cache_path"]).name]  # no temp file left
 
 
 def test_digits_c_cache_dir_from_env(tmp_path, monkeypatch):

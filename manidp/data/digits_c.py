@@ -12,7 +12,9 @@ out and only their copies form the test set; 10% of the remaining digits form
 validation; no source digit appears in two splits. Everything is drawn from one
 ``torch.Generator`` seeded by ``data.digits_c_seed`` (default 0), never by the
 training seed, so every training seed sees the same data. The generated tensors
-are cached in one ``.pt`` file named by a hash of the generation parameters.
+are cached in one ``.pt`` file named by a hash of the generation parameters,
+holding a SHA-256 checksum of its tensors: a damaged cache (even one that still
+loads) is rebuilt.
 See ``manidp/data/README.md`` for the dataset card.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -162,6 +164,18 @@ def _generate(params: dict) -> dict:
     return out
 
 
+def _checksum(data: dict) -> str:
+    """SHA-256 over every tensor and the normalization constants, in a fixed order."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        for part in ("images", "labels", "severity", "source"):
+            tensor = data[f"{split}_{part}"]
+            digest.update(f"{split}_{part}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+    digest.update(json.dumps([data["mean"], data["std"]]).encode())
+    return digest.hexdigest()
+
+
 def _cache_dir(data_cfg: dict) -> Path:
     root = data_cfg.get("cache_dir") or os.environ.get("MANIDP_CACHE") or "~/.cache/manidp"
     return Path(root).expanduser()
@@ -179,6 +193,8 @@ def _read_cache(path: Path, params: dict):
             for part in ("images", "labels", "severity", "source"):
                 if not isinstance(data[f"{split}_{part}"], torch.Tensor):
                     raise ValueError(f"{split}_{part} is not a tensor")
+        if data.get("checksum") != _checksum(data):
+            raise ValueError("its contents do not match the checksum stored with them")
         return data
     except Exception as exc:  # any unreadable file is simply rebuilt
         warnings.warn(f"digits-c cache {path} is unreadable ({exc}); regenerating it",
@@ -187,16 +203,19 @@ def _read_cache(path: Path, params: dict):
 
 
 def _write_cache(path: Path, data: dict) -> None:
-    """Write ``data`` atomically (temp file + rename); warn if the dir is not writable."""
+    """Write ``data`` with its checksum atomically (temp file + rename); warn if the dir is not writable.
+
+    The file gets the mode the umask gives every other file (``open``, not ``mkstemp``'s 0600).
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(data, f)
+            with open(tmp, "xb") as f:
+                torch.save({**data, "checksum": _checksum(data)}, f)
             os.replace(tmp, path)
         except BaseException:
-            os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
             raise
     except OSError as exc:
         warnings.warn(f"could not write digits-c cache {path} ({exc}); continuing uncached",
