@@ -72,6 +72,7 @@ PAPER_TOLERANCE_PCT = 5.0
 _RUN_FOLDER = re.compile(r"^(?P<label>.+)-b(?P<budget>[0-9.]+)$")
 _PAPER_TABLES = "reference/paper_tables.csv"
 _DASH = "–"
+_TEXT_COLUMNS = {"Backbone", "Method", "Type", "Paper method", "Source"}  # left-aligned; the rest are numbers
 
 
 # ----------------------------------------------------------------- loading run folders
@@ -471,9 +472,10 @@ def to_markdown(table: "pd.DataFrame", profiles: list[str], tolerance_pct: float
     shown = _display(table, profiles)
     reported = (table["source"] == "reported").to_numpy()
     shown[reported] = shown[reported].map(lambda c: c if c in (_DASH, "") else f"*{c}*")
-    text = shown.to_markdown(index=False, disable_numparse=True)
+    text = shown.to_markdown(index=False, disable_numparse=True, colalign=[
+        "left" if c in _TEXT_COLUMNS else "right" for c in shown.columns])
     lines, notes = _footer(table, profiles, tolerance_pct)
-    return "\n".join([text, "", *lines, *(f"- {n}" for n in notes)]) + "\n"
+    return "\n\n".join([text, *lines, "\n".join(f"- {n}" for n in notes)]).rstrip() + "\n"
 
 
 def to_latex(table: "pd.DataFrame", profiles: list[str], dataset: str,
@@ -489,9 +491,8 @@ def to_latex(table: "pd.DataFrame", profiles: list[str], dataset: str,
     styler = (shown.style.hide(axis="index").format(math_symbols, escape="latex")
               .format_index(escape="latex", axis=1)
               .apply(lambda row: ["textit:--rwrap;" if reported[row.name] else ""] * len(row), axis=1))
-    text_columns = {"Backbone", "Method", "Type", "Paper method", "Source"}
     tabular = styler.to_latex(hrules=True, column_format="".join(
-        "l" if c in text_columns else "r" for c in shown.columns))
+        "l" if c in _TEXT_COLUMNS else "r" for c in shown.columns))
     notes = pd.DataFrame({"Notes": [line for part in _footer(table, profiles, tolerance_pct) for line in part]})
     notes_tabular = (notes.style.hide(axis="index").hide(axis="columns").format(math_symbols, escape="latex")
                      .to_latex(column_format="p{0.95\\textwidth}"))
