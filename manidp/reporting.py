@@ -471,7 +471,7 @@ def _footer(table: "pd.DataFrame", profiles: list[str], tolerance_pct: float) ->
 def to_markdown(table: "pd.DataFrame", profiles: list[str], tolerance_pct: float = PAPER_TOLERANCE_PCT) -> str:
     shown = _display(table, profiles)
     reported = (table["source"] == "reported").to_numpy()
-    shown[reported] = shown[reported].map(lambda c: c if c in (_DASH, "") else f"*{c}*")
+    shown[reported] = shown[reported].apply(lambda column: column.map(lambda c: c if c == _DASH else f"*{c}*"))
     text = shown.to_markdown(index=False, disable_numparse=True, colalign=[
         "left" if c in _TEXT_COLUMNS else "right" for c in shown.columns])
     lines, notes = _footer(table, profiles, tolerance_pct)
