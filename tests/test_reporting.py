@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from manidp import reporting
 from manidp.cli import main
@@ -29,8 +30,8 @@ def make_run(root: Path, dataset: str, backbone: str, method: str, seed: int, to
                "params": 270_000, "wall_time_s": 12.0, "spearman_macs_severity": -0.4 if dynamic else None,
                "method_info": method_info or {"name": method}, "epochs_trained": epochs,
                "optimizer_steps": epochs * 20,
-               "config": {"method": method, "budget": budget, "seed": seed, "method_options": {},
-                          "train": {"epochs": epochs, "batch_size": 64, "lr": 0.02}},
+               "config": {"dataset": dataset, "backbone": backbone, "method": method, "budget": budget, "seed": seed,
+                          "method_options": {}, "train": {"epochs": epochs, "batch_size": 64, "lr": 0.02}},
                **(extra or {})}
     (run / "metrics.json").write_text(json.dumps(metrics))
     rng = np.random.default_rng(seed)
@@ -421,9 +422,12 @@ def test_mlflow_parent_and_summary_runs(digits_runs, tmp_path):
     assert tracking.parent_run("digits-c", "cifar_resnet20", uri) == parent
     assert tracking.parent_run("digits-c", "cifar_resnet32", uri) != parent
     client = MlflowClient(tracking_uri=uri)
+    # The finished training run of one result, found by its identity (config.yaml beside metrics.json).
+    cfg = json.loads((digits_runs[1] / "metrics.json").read_text())["config"]
+    (digits_runs[1] / "config.yaml").write_text(yaml.safe_dump(cfg))
     child = client.create_run(client.get_experiment_by_name("digits-c").experiment_id,
-                              tags={"mlflow.parentRunId": parent}).info.run_id
-    (digits_runs[1] / "tracking.json").write_text(json.dumps({"uri": uri, "run_id": child}))
+                              tags={**tracking.identity_tags(cfg), "mlflow.parentRunId": parent}).info.run_id
+    client.set_terminated(child)
     artifact = tmp_path / "digits-c_table.md"
     artifact.write_text("| table |\n")
     summary = tracking.log_summary("digits-c", [artifact], {str(digits_runs[1]): {"speedup_cpu-2t": 1.5}}, uri)
