@@ -441,6 +441,10 @@ def _budget_statement(table: "pd.DataFrame") -> str:
     return text
 
 
+def _has_paper(table: "pd.DataFrame") -> bool:
+    return (table["source"] == "reported").any() or ("paper_method" in table and table["paper_method"].notna().any())
+
+
 def _footer(table: "pd.DataFrame", profiles: list[str], tolerance_pct: float) -> tuple[list[str], list[str]]:
     """(what every row's numbers mean, the notes on single rows)."""
     lines = ["Ours: mean ± standard deviation over n seeds; drops are differences to the dense model of the same "
@@ -454,7 +458,7 @@ def _footer(table: "pd.DataFrame", profiles: list[str], tolerance_pct: float) ->
             machines = sorted({m for cell in table.get(f"hardware_{p}", ()) if isinstance(cell, str) and cell
                                for m in cell.split("; ")})
             lines += [f"Profile {p} measured on: {m}." for m in machines]
-    if (table["source"] == "reported").any() or ("paper_method" in table and table["paper_method"].notna().any()):
+    if _has_paper(table):
         lines.append(f"Columns and rows marked reported are the paper's printed numbers, not ours (its FLOPs "
                      f"reduction in the MACs column). A paper row sits on our row of the same method when its "
                      f"reduction is within {tolerance_pct:g} points of our budget; its drop is its top-1 error "
@@ -469,6 +473,7 @@ def _footer(table: "pd.DataFrame", profiles: list[str], tolerance_pct: float) ->
 
 
 def to_markdown(table: "pd.DataFrame", profiles: list[str], tolerance_pct: float = PAPER_TOLERANCE_PCT) -> str:
+    """The table as Markdown (pandas ``to_markdown``): reported rows in italics, what it all means below."""
     shown = _display(table, profiles)
     reported = (table["source"] == "reported").to_numpy()
     shown[reported] = shown[reported].apply(lambda column: column.map(lambda c: c if c == _DASH else f"*{c}*"))
@@ -480,10 +485,12 @@ def to_markdown(table: "pd.DataFrame", profiles: list[str], tolerance_pct: float
 
 def to_latex(table: "pd.DataFrame", profiles: list[str], dataset: str,
              tolerance_pct: float = PAPER_TOLERANCE_PCT) -> str:
+    """The table as a LaTeX ``table*`` (pandas ``Styler.to_latex``, booktabs rules, cells escaped by pandas)."""
     import pandas as pd
 
     shown = _display(table, profiles)
     reported = (table["source"] == "reported").to_numpy()
+    with_paper = _has_paper(table)
 
     def math_symbols(cell: str) -> str:  # cells arrive escaped by pandas
         return cell.replace("±", r"$\pm$").replace(_DASH, "--")
@@ -499,8 +506,8 @@ def to_latex(table: "pd.DataFrame", profiles: list[str], dataset: str,
     return "\n".join([r"% Needs \usepackage{booktabs}. Written by manidp table from the run folders.",
                       r"\begin{table*}[t]", r"\centering", r"\small", tabular.rstrip(), r"\par\footnotesize",
                       notes_tabular.rstrip(),
-                      rf"\caption{{\detokenize{{{dataset}}}: ours (mean $\pm$ std over seeds) beside the paper's "
-                      r"reported numbers.}",
+                      rf"\caption{{\detokenize{{{dataset}}}: ours, mean $\pm$ std over seeds"
+                      + (r"; the paper's reported numbers marked as such.}" if with_paper else ".}"),
                       rf"\label{{tab:{re.sub('[^A-Za-z0-9]', '', dataset)}}}", r"\end{table*}"]) + "\n"
 
 
