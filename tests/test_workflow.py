@@ -27,20 +27,26 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "workflow" / "Snakefile"
-TINY_CONFIG = ROOT / ".test" / "config.yaml"
+DEFAULT_CONFIG = ROOT / "config" / "config.yaml"
+# The tiny configuration CI runs: `snakemake --cores 2 --directory .test`.
+TINY_CONFIG = ROOT / ".test" / "config" / "config.yaml"
 SLURM_PROFILE = ROOT / "workflow" / "profiles" / "slurm"
 TINY_DENSE = "runs/digits-c/cifar_resnet20/dense/seed0"
 TINY_METHOD = "runs/digits-c/cifar_resnet20/l1-b0.4/seed0"
 
-# The default plan (digits-c): 8 methods x 2 budgets x 2 seeds, one cpu profile.
-DEFAULT_PLAN = {"tracking_store": 1, "tracking_parent": 1, "train_dense": 2, "train_method": 32, "latency": 32,
-                "table": 1, "plot": 1, "tracking_summary": 1, "all": 1}
+# The default plan (digits-c): 6 methods x 2 budgets x 3 seeds, one cpu profile; no ablations, no sweep.
+DEFAULT_PLAN = {"tracking_store": 1, "tracking_parent": 1, "train_dense": 3, "train_method": 36, "latency": 36,
+                "table": 1, "plot": 1, "tracking_summary": 1, "dataset_all": 1, "all": 1}
 # ImageNet: resnet18 and resnet34 at two operating points, resnet50 at one;
 # 6 methods, 1 seed, latency on cpu-1t and cuda-bf16.
 IMAGENET_PLAN = {"tracking_store": 1, "tracking_parent": 3, "train_dense": 3, "train_method": 30, "latency": 60,
                  "table": 1}
+# On request: ManiDP and its 3 ablations x 2 budgets x 3 seeds (the manidp runs
+# are the main table's); the sweep: 6 methods x (3 lr x 2 knob values) x 3 seeds.
+ON_REQUEST_PLAN = {"tracking_store": 1, "tracking_parent": 1, "train_dense": 3, "train_method": 24,
+                   "ablation_table": 1, "train_tuning": 108, "tuning_table": 1}
 TINY_PLAN = {"tracking_store": 1, "tracking_parent": 1, "train_dense": 1, "train_method": 1, "latency": 1,
-             "table": 1, "plot": 1, "tracking_summary": 1, "all": 1}
+             "table": 1, "plot": 1, "tracking_summary": 1, "dataset_all": 1, "all": 1}
 
 
 def snakemake(workdir: Path, *args: str, env: dict | None = None, timeout: int = 600,
@@ -53,6 +59,11 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None, timeout: int =
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-6000:]}")
     return result
+
+
+def job_blocks(output: str, rule: str) -> list[str]:
+    """The dry-run (-p) listing of every job of ``rule``: its input, output, resources and shell command."""
+    return [block for block in re.split(r"\n\[[^\]]+\]\n", output) if block.startswith(f"rule {rule}:")]
 
 
 def _env(**extra) -> dict:
@@ -94,14 +105,33 @@ BAD_CONFIGS = {
                          ["datasets.digits-c.backbones.resnet_nosuch", "cifar_resnet20", "resnet50"]),
     "unknown-dataset": (lambda c: c["datasets"].update({"mnist": c["datasets"]["digits-c"]}),
                         ["datasets.mnist", "unknown dataset 'mnist'", "digits-c", "imagenet"]),
+    # One training budget per dataset: a method entry may not change the number of steps.
+    "method-epochs": (lambda c: c["datasets"]["digits-c"]["methods"].update(l1={"train": {"epochs": 9}}),
+                      ["datasets.digits-c.methods.l1.train.epochs", "same number of steps",
+                       "datasets.digits-c.finetune.train.epochs"]),
+    "method-batch-size": (lambda c: c["datasets"]["digits-c"]["methods"].update(l1={"train": {"batch_size": 8}}),
+                          ["datasets.digits-c.methods.l1.train.batch_size", "datasets.digits-c.finetune.train"]),
+    "uneven-sweep": (lambda c: (c["datasets"]["digits-c"]["methods"].update(fpgm={}),
+                                c["datasets"]["digits-c"].update(tuning={
+                                    "budget": 0.4, "seeds": [0, 1, 2], "lr": [0.01],
+                                    "methods": {"l1": {"skip_layers": [[]]}, "fpgm": {"zero_grad": [True, False]}}})),
+                     ["datasets.digits-c.tuning.methods", "same-size sweep", "l1: 1", "fpgm: 2"]),
+    "ablation-reference": (lambda c: c["datasets"]["digits-c"].update(ablations={
+                               "reference": "manidp", "methods": {"manidp_plain": {}}}),
+                           ["datasets.digits-c.ablations.reference", "'manidp'", "valid values: l1"]),
 }
 
 
 @pytest.fixture(scope="module")
 def parse_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     """Every run that stops at or before planning, started together; name -> (workdir, result)."""
-    calls = {"default-plan": ["-n"], "imagenet-plan": ["-n", "results/imagenet_table.csv"],
-             "imagenet-without-data": ["results/imagenet_table.csv"]}
+    # Targets first: --configfile takes every value that follows it.
+    default = ["--configfile", str(DEFAULT_CONFIG)]
+    calls = {"default-plan": ["-n", *default],
+             "on-request-plan": ["results/digits-c_ablations.csv", "results/digits-c_tuning.csv", "-n", "-p", *default],
+             # A cluster whose ImageNet only compute nodes see: the jobs check the folder themselves.
+             "imagenet-plan": ["results/imagenet_table.csv", "-n", "-p", "--config", "data_check=job", *default],
+             "imagenet-without-data": ["results/imagenet_table.csv", *default]}
     for name, (edit, _) in BAD_CONFIGS.items():
         path = tmp_path_factory.mktemp("config") / "config.yaml"
         path.write_text(yaml.safe_dump(_broken_config(edit)))
@@ -129,11 +159,39 @@ def test_default_plan(parse_runs):
     assert job_counts(_succeeded(parse_runs["default-plan"][1]).stdout) == DEFAULT_PLAN
 
 
+def test_on_request_plan_ablations_and_sweep(parse_runs):
+    assert job_counts(_succeeded(parse_runs["on-request-plan"][1]).stdout) == ON_REQUEST_PLAN
+
+
+def test_recipe_sweep_reads_no_test_file(parse_runs):
+    """Every sweep job starts from the dense model of its own seed, reads nothing else, evaluates validation only."""
+    output = _succeeded(parse_runs["on-request-plan"][1]).stdout
+    jobs = job_blocks(output, "train_tuning")
+    assert len(jobs) == ON_REQUEST_PLAN["train_tuning"]
+    for job in jobs:
+        inputs = re.search(r"^    input: (.*)$", job, re.M).group(1).split(", ")
+        seed = re.search(r"seed=(\d+)", job).group(1)
+        assert inputs == [f"runs/digits-c/cifar_resnet20/dense/seed{seed}/model.pt"], job
+        assert "test" not in " ".join(inputs)
+        command = job.split("Shell command:", 1)[1]
+        assert "--set 'eval_splits=[\"val\"]'" in command and "instances_test" not in command, command
+        assert f"--init-from runs/digits-c/cifar_resnet20/dense/seed{seed} " in command
+    settings = {re.search(r"recipe=([^,]+)", job).group(1) for job in jobs if "method=manidp," in job}
+    assert settings == {f"lr{lr}-lam{lam}" for lr in (0.01, 0.02, 0.05) for lam in (0.05, 0.2)}
+
+
 def test_imagenet_dry_run_lists_plan_without_data(parse_runs):
     result = _succeeded(parse_runs["imagenet-plan"][1])
     assert job_counts(result.stdout) == IMAGENET_PLAN
     assert "runs/imagenet/resnet34/manidp-b0.47/seed0/metrics.json" in result.stdout
     assert "runs/imagenet/resnet50/fbs-b0.55/seed0/latency_cuda-bf16.json" in result.stdout
+    # The dense job only evaluates hub weights: the `evaluate` resources, not the 4-GPU training ones.
+    for job in job_blocks(result.stdout, "train_dense"):
+        assert re.search(r"resources: .*\bgpu=1, .*mem_mb=32000", job), job
+        assert "torchrun" not in job
+    for job in job_blocks(result.stdout, "train_method"):
+        assert re.search(r"resources: .*\bgpu=4, .*mem_mb=128000", job), job
+        assert job.count("torchrun --standalone --nproc-per-node 4") == 1
 
 
 def test_imagenet_without_data_stops_before_any_job(parse_runs):
@@ -142,7 +200,8 @@ def test_imagenet_without_data_stops_before_any_job(parse_runs):
     message = result.stdout + result.stderr
     assert "imagenet_path" in message and "MANIDP_IMAGENET" in message, message[-3000:]
     assert message.count("Set the ILSVRC-2012 folder") == 1
-    assert not (workdir / "runs").exists() and not (workdir / "results" / "tracking").exists()
+    # Only the MLflow store may have been created beside the check: no run, no parent run, no experiment.
+    assert not (workdir / "runs").exists() and not (workdir / "results" / "tracking" / "imagenet").exists()
 
 
 @pytest.mark.parametrize("name", list(BAD_CONFIGS))
@@ -171,14 +230,17 @@ def tiny_run(tmp_path_factory, cache_env) -> Path:
     """The tiny workflow, killed hard during its dense training, then resumed to the end.
 
     The dense model trains 6 epochs here so that the first epoch's checkpoint
-    exists while the job is still running.
+    exists while the job is still running. The config sits where the workflow
+    reads it (config/config.yaml in the working directory, as with
+    `--directory .test`) and holds a cifar10 section that nothing asks for.
     """
     workdir = tmp_path_factory.mktemp("tiny")
     config = yaml.safe_load(TINY_CONFIG.read_text())
     config["datasets"]["digits-c"]["dense"]["train"]["epochs"] = 6
-    config_file = workdir / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    args = ["--configfile", str(config_file)]
+    config["datasets"]["cifar10"] = yaml.safe_load(DEFAULT_CONFIG.read_text())["datasets"]["cifar10"]
+    (workdir / "config").mkdir()
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    args = []
 
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
                "--cores", "2", *args]
@@ -229,17 +291,31 @@ def test_tiny_run_table(tiny_run):
     _check_table(tiny_run)
 
 
+def test_tiny_run_per_seed_table(tiny_run):
+    per_seed = pd.read_csv(tiny_run / "results/digits-c_per_seed.csv")
+    assert sorted(per_seed["method"]) == ["dense", "l1"] and set(per_seed["seed"]) == {0}
+    # The dataset's one target lists everything it built.
+    built = set((tiny_run / "results/digits-c_all.txt").read_text().split())
+    assert {"results/digits-c_table.csv", "results/digits-c_per_seed.csv", "results/digits-c_speedup.png",
+            f"{TINY_METHOD}/model.pt", "results/tracking/digits-c/summary_run.txt"} <= built
+
+
 def test_tiny_run_plots_and_report(tiny_run):
-    for name in ("digits-c_pareto.png", "digits-c_macs_vs_difficulty.png", "report.html"):
+    """Plots, and the report the default profile writes after the run (report-after-run)."""
+    for name in ("digits-c_pareto.png", "digits-c_macs_vs_difficulty.png", "digits-c_speedup.png", "report.html"):
         path = tiny_run / "results" / name
         assert path.stat().st_size > 10_000, name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" or name.endswith(".html")
+    report = (tiny_run / "results" / "report.html").read_text()
+    assert "digits-c_table.csv" in report and "digits-c_per_seed.csv" in report
 
 
 def test_tiny_run_mlflow_parent_children_summary(tiny_run):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tiny_run / 'results' / 'mlflow.db'}")
+    # Only datasets that ran have an experiment (the config's cifar10 section did not run).
+    assert {e.name for e in client.search_experiments()} - {"Default"} == {"digits-c"}
     experiment = client.get_experiment_by_name("digits-c")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("role") == "parent"]
@@ -256,20 +332,21 @@ def test_tiny_run_mlflow_parent_children_summary(tiny_run):
 
 
 def test_rerunning_finished_workflow_does_nothing(tiny_run, cache_env):
-    result = snakemake(tiny_run, "-n", "--configfile", str(tiny_run / "tiny.yaml"), env=cache_env)
+    result = snakemake(tiny_run, "-n", env=cache_env)
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
 def test_deleting_a_checkpoint_reruns_only_its_dependents(tiny_run, cache_env):
     """The method's checkpoint goes: it is retrained and measured again, and the dense run is left alone."""
-    args = ["--configfile", str(tiny_run / "tiny.yaml")]
+    args = []
     dense_model = tiny_run / TINY_DENSE / "model.pt"
     dense_mtime = dense_model.stat().st_mtime
     (tiny_run / TINY_METHOD / "model.pt").unlink()
     result = snakemake(tiny_run, "-n", *args, env=cache_env)
     plan = job_counts(result.stdout)
-    assert plan == {"train_method": 1, "latency": 1, "table": 1, "plot": 1, "tracking_summary": 1, "all": 1}
-    snakemake(tiny_run, *args, "--config", "report=", env=cache_env)
+    assert plan == {"train_method": 1, "latency": 1, "table": 1, "plot": 1, "tracking_summary": 1, "dataset_all": 1,
+                    "all": 1}
+    snakemake(tiny_run, *args, env=cache_env)
     assert (tiny_run / TINY_METHOD / "model.pt").is_file()
     assert dense_model.stat().st_mtime == dense_mtime
     _check_table(tiny_run)
@@ -291,8 +368,8 @@ def _slurm_unavailable() -> str | None:
 def slurm_run(request, tmp_path_factory):
     """The tiny workflow through the Slurm profile, started in the background with the module.
 
-    Polls often (a real cluster is polled more gently) and writes no HTML
-    report (the tiny run checks that). Yields (workdir, process) or a reason to skip.
+    Polls often (a real cluster is polled more gently). Yields (workdir,
+    process) or a reason to skip.
     """
     if not any(item.name == "test_slurm_profile_runs_tiny_workflow" for item in request.session.items):
         yield "the Slurm test is not selected"
@@ -303,7 +380,7 @@ def slurm_run(request, tmp_path_factory):
         return
     workdir = tmp_path_factory.mktemp("slurm")
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
-               "--profile", str(SLURM_PROFILE), "--configfile", str(TINY_CONFIG), "--config", "report=",
+               "--profile", str(SLURM_PROFILE), "--configfile", str(TINY_CONFIG),
                "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2",
                "--latency-wait", "5"]
     env = _env(MANIDP_CACHE=str(tmp_path_factory.mktemp("slurm-digits-cache")))

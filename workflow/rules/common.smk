@@ -6,12 +6,15 @@ here. Two kinds of settings reach a job, deliberately kept apart:
 - what determines a result (dataset, backbone, method, options, budget, seed,
   recipe) travels in ``params``, so changing it re-runs exactly the jobs whose
   results it changes (Snakemake's params trigger);
-- where things go or run (tracking store, threads, the ImageNet folder) is
-  passed through globals and the environment, so moving the store or giving a
-  job more cores never re-trains anything.
+- where things go or run (tracking store, threads, the ImageNet folder) travels
+  in ``resources`` and the environment, so moving the store or giving a job
+  more cores never re-trains anything.
 """
+
+import itertools
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -20,6 +23,13 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 SCHEMA_FILE = Path(workflow.basedir) / "schemas" / "config.schema.yaml"
+# A setting of a recipe sweep, as its folder is named: lr0.02-lam0.2.
+RECIPE_PATTERN = r"lr[A-Za-z0-9_.+-]+"
+# The one software environment every job runs in (--software-deployment-method conda).
+ENV_FILE = "../envs/manidp.yaml"
+# What that environment's pip installs: this clone, editable, unless set already
+# (a workflow used as a module from GitHub sets e.g. git+https://...@v0.1.0).
+os.environ.setdefault("MANIDP_PACKAGE", f"-e {Path(workflow.basedir).parent}")
 
 
 # ----------------------------------------------------------------- validation
@@ -46,22 +56,81 @@ def _schema_message(error) -> str:
 
 
 def validate_config(cfg: dict) -> None:
-    """Check ``cfg`` against the schema, then every name against the live registries.
-
-    The names are checked where the run is started; a job that re-reads the
-    workflow on a cluster node skips that (it imports every method) since its
-    config was checked before it was submitted.
-    """
+    """Check ``cfg`` against the schema, then the plan it describes, then every name against the registries."""
     import jsonschema
-    from snakemake_interface_executor_plugins.settings import ExecMode
 
     schema = yaml.safe_load(SCHEMA_FILE.read_text())
-    validator = jsonschema.Draft7Validator(schema)
-    errors = list(validator.iter_errors(cfg))
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(cfg))
     if errors:
         raise WorkflowError(_schema_message(jsonschema.exceptions.best_match(errors)))
-    if workflow.exec_mode == ExecMode.DEFAULT:
-        _check_names(cfg)
+    for ds, section in cfg["datasets"].items():
+        _check_training_budget(ds, section)
+        _check_ablations(ds, section)
+        _check_tuning(ds, section)
+    _check_names(cfg)
+
+
+# Keys that set how many optimizer steps a fine-tune takes: the dataset's one budget.
+BUDGET_KEYS = ("epochs", "batch_size")
+
+
+def _check_training_budget(ds: str, section: dict) -> None:
+    """Every method fine-tunes the same number of steps: only ``finetune.train`` sets epochs and batch size."""
+    entries = [("methods", section["methods"]), ("ablations.methods", section.get("ablations", {}).get("methods", {}))]
+    for where, mapping in entries:
+        for entry, settings in mapping.items():
+            for key in BUDGET_KEYS:
+                if key in settings.get("train", {}):
+                    raise WorkflowError(
+                        f"config key 'datasets.{ds}.{where}.{entry}.train.{key}': every method fine-tunes the "
+                        f"same number of steps from the same dense checkpoint, so {key} is set once per dataset, "
+                        f"in 'datasets.{ds}.finetune.train.{key}'; a method entry may set lr, the schedule and "
+                        "its options"
+                    )
+
+
+def _check_ablations(ds: str, section: dict) -> None:
+    ablations = section.get("ablations")
+    if not ablations:
+        return
+    if ablations["reference"] not in section["methods"]:
+        raise WorkflowError(
+            f"config key 'datasets.{ds}.ablations.reference' names '{ablations['reference']}', which is not "
+            f"an entry of 'datasets.{ds}.methods'; valid values: {', '.join(section['methods'])}"
+        )
+    shared = sorted(set(ablations["methods"]) & set(section["methods"]))
+    if shared:
+        raise WorkflowError(
+            f"config key 'datasets.{ds}.ablations.methods.{shared[0]}' repeats an entry of "
+            f"'datasets.{ds}.methods': entry names name run folders, so each may appear once"
+        )
+
+
+def _check_tuning(ds: str, section: dict) -> None:
+    """The sweep is the same size for every method (the lr grid x one knob grid of equal size)."""
+    tuning = section.get("tuning")
+    if not tuning:
+        return
+    sizes = {}
+    for entry, grid in tuning["methods"].items():
+        if entry not in section["methods"]:
+            raise WorkflowError(
+                f"config key 'datasets.{ds}.tuning.methods.{entry}': not an entry of 'datasets.{ds}.methods'; "
+                f"valid values: {', '.join(section['methods'])}"
+            )
+        sizes[entry] = len(list(itertools.product(*grid.values())))
+        for name in tuning_recipes(ds, entry, section):
+            if not re.fullmatch(RECIPE_PATTERN, name):
+                raise WorkflowError(
+                    f"config section 'datasets.{ds}.tuning.methods.{entry}': the setting '{name}' cannot name a "
+                    "folder; knob values may hold letters, digits and . _ + - only"
+                )
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{entry}: {size}" for entry, size in sizes.items())
+        raise WorkflowError(
+            f"config section 'datasets.{ds}.tuning.methods': every method gets the same-size sweep, but the "
+            f"knob grids hold different numbers of settings ({listed}); give each the same number of values"
+        )
 
 
 def _check_names(cfg: dict) -> None:
@@ -75,44 +144,57 @@ def _check_names(cfg: dict) -> None:
     load_all()
     for name in cfg["default_datasets"]:
         if name not in cfg["datasets"]:
-            raise WorkflowError(f"config key 'default_datasets' names '{name}', which has no section; "
-                                f"valid values: {', '.join(cfg['datasets'])}")
+            raise WorkflowError(
+                f"config key 'default_datasets' names '{name}', which has no section; "
+                f"valid values: {', '.join(cfg['datasets'])}"
+            )
     for ds, section in cfg["datasets"].items():
         if ds not in DATASETS:
-            raise WorkflowError(f"config key 'datasets.{ds}': unknown dataset '{ds}'; "
-                                f"valid datasets: {', '.join(DATASETS.names())}")
+            raise WorkflowError(
+                f"config key 'datasets.{ds}': unknown dataset '{ds}'; valid datasets: {', '.join(DATASETS.names())}"
+            )
         for backbone in section["backbones"]:
             if not timm.is_model(backbone):
-                raise WorkflowError(f"config key 'datasets.{ds}.backbones.{backbone}': unknown backbone; "
-                                    f"valid backbones: {', '.join(BENCHMARK_BACKBONES)} (or any timm model name)")
+                raise WorkflowError(
+                    f"config key 'datasets.{ds}.backbones.{backbone}': unknown backbone; "
+                    f"valid backbones: {', '.join(BENCHMARK_BACKBONES)} (or any timm model name)"
+                )
             if not budgets(ds, backbone, cfg):
-                raise WorkflowError(f"config key 'datasets.{ds}.backbones.{backbone}.budgets' is missing and "
-                                    f"'datasets.{ds}.budgets' is not set: give the MACs reductions to run")
-        for entry, settings in section["methods"].items():
-            method = settings.get("method", entry)
-            where = f"datasets.{ds}.methods.{entry}" + (".method" if "method" in settings else "")
-            if method == "dense":
-                raise WorkflowError(f"config key '{where}': 'dense' is the baseline every dataset trains "
-                                    "(configured under 'dense'), not a method to list")
-            if method not in METHODS:
-                valid = [name for name in METHODS.names() if name != "dense"]
-                raise WorkflowError(f"config key '{where}': unknown method '{method}'; "
-                                    f"valid methods: {', '.join(valid)}")
+                raise WorkflowError(
+                    f"config key 'datasets.{ds}.backbones.{backbone}.budgets' is missing and "
+                    f"'datasets.{ds}.budgets' is not set: give the MACs reductions to run"
+                )
+        entries = [("methods", section["methods"])]
+        entries += [("ablations.methods", section.get("ablations", {}).get("methods", {}))]
+        for where, mapping in entries:
+            for entry, settings in mapping.items():
+                method = settings.get("method", entry)
+                key = f"datasets.{ds}.{where}.{entry}" + (".method" if "method" in settings else "")
+                if method == "dense":
+                    raise WorkflowError(
+                        f"config key '{key}': 'dense' is the baseline every dataset trains "
+                        "(configured under 'dense'), not a method to list"
+                    )
+                if method not in METHODS:
+                    valid = [name for name in METHODS.names() if name != "dense"]
+                    raise WorkflowError(
+                        f"config key '{key}': unknown method '{method}'; valid methods: {', '.join(valid)}"
+                    )
         for profile in section.get("hardware_profiles", []):
             if profile not in cfg["hardware_profiles"]:
-                raise WorkflowError(f"config key 'datasets.{ds}.hardware_profiles' names '{profile}'; "
-                                    f"valid profiles: {', '.join(cfg['hardware_profiles'])}")
+                raise WorkflowError(
+                    f"config key 'datasets.{ds}.hardware_profiles' names '{profile}'; "
+                    f"valid profiles: {', '.join(cfg['hardware_profiles'])}"
+                )
 
 
 # ----------------------------------------------------------------- where things go
 TRACKING = config.get("tracking", {}).get("enabled", True)
-# Formatted into shell commands as globals, not params: switching tracking off
-# or moving the store changes where runs are recorded, never a result.
-TRACKING_ARGS = "" if TRACKING else "--set tracking.enabled=false"
-TRACKING_SWITCH = "" if TRACKING else "--no-tracking"
-# Rules call the package's console scripts (manidp, torchrun): find them beside
-# the Python that runs Snakemake, even without an activated environment.
-os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+# Jobs call the package's console scripts (manidp, torchrun): without a conda
+# environment per job, find them beside the Python that runs Snakemake, even
+# when its environment is not activated.
+SEARCH_PATH = os.environ["PATH"]
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), SEARCH_PATH])
 if config.get("tracking", {}).get("uri"):
     # The package lets MLFLOW_TRACKING_URI win over its config key, as MLflow does.
     os.environ.setdefault("MLFLOW_TRACKING_URI", config["tracking"]["uri"])
@@ -128,20 +210,20 @@ if config.get("imagenet_path"):
 EXTERNAL_DATA = {"imagenet": ("imagenet_path", IMAGENET_ENV_VAR)}
 
 
-def missing_data_message(datasets) -> str | None:
-    """Why the data of one of ``datasets`` is missing, or None when all are there."""
-    for ds in sorted(datasets):
-        if ds not in EXTERNAL_DATA:
-            continue
-        key, env = EXTERNAL_DATA[ds]
-        raw = os.environ.get(env)
-        folder = Path(raw).expanduser() if raw else None
-        if folder is None or not (folder / "train").is_dir() or not (folder / "val").is_dir():
-            found = f"'{folder}' holds no train/ and val/ folders" if folder else "no path is set"
-            return (f"{ds}: {found}. Set the ILSVRC-2012 folder (train/ and val/, one subfolder per class) "
-                    f"with the config key '{key}' (snakemake ... --config {key}=/path/to/imagenet) or the "
-                    f"environment variable {env}. A dry run (snakemake -n) lists the plan without the data.")
-    return None
+def data_checked(wildcards) -> list:
+    """The data check a dataset's first jobs wait for (none for embedded data, or when jobs check it themselves).
+
+    ``ancient``: re-checking the data never re-runs a finished job.
+    """
+    if wildcards.dataset not in EXTERNAL_DATA or config.get("data_check", "local") == "job":
+        return []
+    return [ancient(f"results/data/{wildcards.dataset}.checked")]
+
+
+def data_folder(wildcards) -> dict:
+    """Where a user-provided dataset should be, and how the user names it."""
+    key, env = EXTERNAL_DATA[wildcards.dataset]
+    return {"folder": os.environ.get(env, ""), "key": key, "env": env}
 
 
 # ----------------------------------------------------------------- the plan
@@ -154,9 +236,15 @@ def budgets(ds: str, backbone: str, cfg: dict = config) -> list:
     return section["backbones"][backbone].get("budgets") or section.get("budgets") or []
 
 
-def budget_label(budget: float) -> str:
-    """How a budget appears in run folders (the package's own naming: 0.4, 0.55)."""
-    return f"{budget:g}"
+def label(value) -> str:
+    """How a value appears in folder names: numbers as the package names budgets (0.4, 0.55, 5e-05)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "+".join(label(v) for v in value) or "none"
+    return str(value)
 
 
 def profiles(ds: str) -> list[str]:
@@ -169,43 +257,112 @@ def run_dir(ds, backbone, method, budget, seed) -> str:
     return f"runs/{ds}/{backbone}/{name}/seed{seed}"
 
 
-def dense_dirs(ds: str) -> list[str]:
-    return [run_dir(ds, b, "dense", None, s) for b in dataset_cfg(ds)["backbones"] for s in dataset_cfg(ds)["seeds"]]
-
-
-def method_dirs(ds: str) -> list[str]:
+def dense_dirs(ds: str, seeds=None) -> list[str]:
     section = dataset_cfg(ds)
-    return [run_dir(ds, b, m, budget_label(x), s)
-            for b in section["backbones"] for m in section["methods"] for x in budgets(ds, b) for s in section["seeds"]]
+    return [run_dir(ds, b, "dense", None, s) for b in section["backbones"] for s in seeds or section["seeds"]]
+
+
+def method_dirs(ds: str, entries=None) -> list[str]:
+    """The runs of ``entries`` (default: the dataset's methods) at every budget and seed."""
+    section = dataset_cfg(ds)
+    entries = section["methods"] if entries is None else entries
+    return [
+        run_dir(ds, b, m, label(x), s)
+        for b in section["backbones"]
+        for m in entries
+        for x in budgets(ds, b)
+        for s in section["seeds"]
+    ]
+
+
+def ablation_entries(ds: str) -> list[str]:
+    ablations = dataset_cfg(ds).get("ablations")
+    return [ablations["reference"], *ablations["methods"]] if ablations else []
+
+
+def ablation_dirs(wildcards) -> list[str]:
+    """Dense, the reference method and its ablations: the rows of the ablation table."""
+    return dense_dirs(wildcards.dataset) + method_dirs(wildcards.dataset, ablation_entries(wildcards.dataset))
+
+
+def main_dirs(wildcards) -> list[str]:
+    """Dense and every method: the rows of the main table."""
+    return all_run_dirs(wildcards.dataset)
 
 
 def all_run_dirs(ds: str) -> list[str]:
     return dense_dirs(ds) + method_dirs(ds)
 
 
-def report_inputs(ds: str) -> dict:
-    """Every run file a dataset's table and plots are built from."""
+def run_files(dense: list[str], methods: list[str], profiles_: list[str] = ()) -> dict:
+    """Every file a table or plot is built from: metrics and per-instance records, latency of method runs."""
+    runs = dense + methods
     return {
-        "metrics": [f"{d}/metrics.json" for d in all_run_dirs(ds)],
-        "instances": [f"{d}/instances_test.csv" for d in all_run_dirs(ds)],
-        "latency": [f"{d}/latency_{p}.json" for d in method_dirs(ds) for p in profiles(ds)],
+        "metrics": [f"{d}/metrics.json" for d in runs],
+        "instances": [f"{d}/instances_test.csv" for d in runs],
+        "latency": [f"{d}/latency_{p}.json" for d in methods for p in profiles_],
     }
 
 
-def dataset_targets(ds: str) -> list[str]:
-    """What ``rule all`` builds for a dataset: tables, plots, MLflow summary, and every trained model.
+def report_inputs(wildcards) -> dict:
+    """The files of the dataset's main table, plots and MLflow summary."""
+    ds = wildcards.dataset
+    return run_files(dense_dirs(ds), method_dirs(ds), profiles(ds))
 
-    The models are targets because Snakemake takes a deleted file that only
-    feeds up-to-date results for an intermediate it need not rebuild; as
-    targets, a deleted model.pt is retrained, with everything built on it.
+
+def ablation_inputs(wildcards) -> dict:
+    """The ablation table's files (no latency: it compares accuracy and MACs)."""
+    ds = wildcards.dataset
+    if not dataset_cfg(ds).get("ablations"):
+        raise WorkflowError(f"config section 'datasets.{ds}.ablations' is not set: no ablations to run")
+    return run_files(dense_dirs(ds), method_dirs(ds, ablation_entries(ds)))
+
+
+def dataset_targets(wildcards) -> list[str]:
+    """Everything one dataset's results consist of: tables, plots, MLflow summary, and every trained model.
+
+    The models are listed because Snakemake takes a deleted file that only
+    feeds up-to-date results for an intermediate it need not rebuild; listed,
+    a deleted model.pt is retrained, with everything built on it.
     """
-    targets = [f"results/{ds}_table.{ext}" for ext in ("csv", "md", "tex")]
-    targets += [f"results/{ds}_pareto.png", f"results/{ds}_macs_vs_difficulty.png"]
+    ds = wildcards.dataset
+    targets = [f"results/{ds}_table.{ext}" for ext in ("csv", "md", "tex")] + [f"results/{ds}_per_seed.csv"]
+    targets += [f"results/{ds}_{plot}.png" for plot in ("pareto", "macs_vs_difficulty", "speedup")]
     targets += [f"{run}/model.pt" for run in all_run_dirs(ds)]
     return targets + [f"results/tracking/{ds}/summary_run.txt"]
 
 
-validate_config(config)
+# ----------------------------------------------------------------- the recipe sweep
+def tuning_recipes(ds: str, entry: str, section: dict | None = None) -> dict[str, tuple[float, dict]]:
+    """Folder label -> (lr, knob options) for every setting of one method's sweep, e.g. 'lr0.02-lam0.2'."""
+    tuning = (section or dataset_cfg(ds))["tuning"]
+    grid = tuning["methods"][entry]
+    recipes = {}
+    for lr in tuning["lr"]:
+        for values in itertools.product(*grid.values()):
+            knobs = dict(zip(grid, values))
+            name = "-".join([f"lr{label(lr)}", *(f"{k}{label(v)}" for k, v in knobs.items())])
+            recipes[name] = (lr, knobs)
+    return recipes
+
+
+def tuning_dirs(wildcards) -> list[str]:
+    """runs/tuning/{dataset}/{backbone}/{method}-b{budget}/{recipe}/seed{seed}, for every method, recipe and seed."""
+    ds = wildcards.dataset
+    tuning = dataset_cfg(ds).get("tuning")
+    if not tuning:
+        raise WorkflowError(f"config section 'datasets.{ds}.tuning' is not set: no recipe sweep to run")
+    return [
+        f"runs/tuning/{ds}/{b}/{entry}-b{label(tuning['budget'])}/{recipe}/seed{s}"
+        for b in dataset_cfg(ds)["backbones"]
+        for entry in tuning["methods"]
+        for recipe in tuning_recipes(ds, entry)
+        for s in tuning["seeds"]
+    ]
+
+
+def tuning_metrics(wildcards) -> list[str]:
+    return [f"{d}/metrics.json" for d in tuning_dirs(wildcards)]
 
 
 # ----------------------------------------------------------------- training arguments
@@ -235,29 +392,69 @@ def dense_args(wildcards) -> str:
     return " ".join(args)
 
 
-def method_entry(wildcards) -> dict:
-    return dataset_cfg(wildcards.dataset)["methods"][wildcards.method]
+def method_entry(ds: str, entry: str) -> dict:
+    section = dataset_cfg(ds)
+    return {**section.get("ablations", {}).get("methods", {}), **section["methods"]}[entry]
+
+
+def _method_args(ds: str, entry: str, lr=None, knobs=None) -> list[str]:
+    """Registered method, its options and the dataset's fine-tuning recipe (lr and knobs may be swept)."""
+    section, settings = dataset_cfg(ds), method_entry(ds, entry)
+    recipe = {**section.get("finetune", {}).get("train", {}), **settings.get("train", {})}
+    if lr is not None:
+        recipe["lr"] = lr
+    args = ["--method", settings.get("method", entry)]
+    args += _set_args("", {"method_options": {**settings.get("options", {}), **(knobs or {})}})
+    return args + _set_args("train", recipe) + _common_sets(ds)
 
 
 def method_args(wildcards) -> str:
-    """Registered method, its options and its fine-tuning recipe, as ``manidp train`` flags."""
-    section, entry = dataset_cfg(wildcards.dataset), method_entry(wildcards)
-    recipe = {**section.get("finetune", {}).get("train", {}), **entry.get("train", {})}
-    args = ["--method", entry.get("method", wildcards.method)]
-    args += _set_args("", {"method_options": entry.get("options", {})})
-    args += _set_args("train", recipe) + _common_sets(wildcards.dataset)
-    return " ".join(args)
+    """One method entry's run, as ``manidp train`` flags."""
+    return " ".join(_method_args(wildcards.dataset, wildcards.method))
+
+
+def tuning_args(wildcards) -> str:
+    """One setting of the sweep, as ``manidp train`` flags: validation split only, never the test split."""
+    recipes = tuning_recipes(wildcards.dataset, wildcards.method)
+    if wildcards.recipe not in recipes:
+        raise WorkflowError(
+            f"'{wildcards.recipe}' is not a setting of the {wildcards.method} sweep; "
+            f"valid settings: {', '.join(recipes)}"
+        )
+    lr, knobs = recipes[wildcards.recipe]
+    args = _method_args(wildcards.dataset, wildcards.method, lr, knobs)
+    return " ".join(args + _set_args("", {"eval_splits": ["val"]}))
+
+
+# ----------------------------------------------------------------- run folders
+def run_folder(wildcards, output) -> str:
+    """The folder a training job writes: where its metrics.json goes."""
+    return str(Path(output.metrics).parent)
+
+
+def dense_folder(wildcards, input) -> str:
+    """The dense run a job starts from or is timed against."""
+    return str(Path(input.dense_model).parent)
+
+
+def measured_folder(wildcards, input) -> str:
+    """The run a latency job times."""
+    return str(Path(input.model).parent)
 
 
 # ----------------------------------------------------------------- resources
 def resources_of(ds: str, kind: str) -> dict:
     """Resources for one kind of job: the top-level ones, then the dataset's, key by key.
 
-    Keys ``dense`` leaves unset fall back to ``train``: a pretrained dense
-    model that is only evaluated can ask for less, but need not say so.
+    Keys ``dense`` leaves unset fall back to ``train``: a dense model trained
+    from scratch needs what a fine-tune needs. A dense model that is only
+    imported and evaluated (``dense.train.epochs: 0``, e.g. ImageNet hub
+    weights) takes ``evaluate`` over those: it asks for far less.
     """
     top, own = config["resources"], dataset_cfg(ds).get("resources", {})
-    kinds = ["train", "dense"] if kind == "dense" else [kind]
+    kinds = [kind]
+    if kind == "dense":
+        kinds = ["train", "dense"] + (["evaluate"] if evaluate_only(ds) else [])
     merged = {}
     for name in kinds:
         merged.update(top.get(name, {}))
@@ -265,8 +462,13 @@ def resources_of(ds: str, kind: str) -> dict:
     return merged
 
 
+def evaluate_only(ds: str) -> bool:
+    return dataset_cfg(ds).get("dense", {}).get("train", {}).get("epochs") == 0
+
+
 def resource(kind: str, key: str, default):
-    """A resource callable for a rule: the value configured for the job's dataset, else ``default``."""
+    """The value configured for a job's dataset and kind, else ``default``; for a rule's resources."""
+
     def lookup(wildcards):
         value = resources_of(wildcards.dataset, kind).get(key)
         return default if value is None else value
@@ -294,6 +496,7 @@ def latency_gpus(wildcards) -> int:
 
 def train_launcher(kind: str):
     """``manidp`` alone, or under torchrun when the job has several GPUs (one process per GPU)."""
+
     def launcher(wildcards) -> str:
         gpus = resources_of(wildcards.dataset, kind).get("gpus", 0)
         return f"torchrun --standalone --nproc-per-node {gpus} -m manidp" if gpus > 1 else "manidp"
@@ -303,10 +506,24 @@ def train_launcher(kind: str):
 
 def process_threads(kind: str):
     """Torch threads per training process: the job's cores shared among its processes."""
+
     def threads(wildcards, threads) -> int:
         return max(1, threads // max(1, resources_of(wildcards.dataset, kind).get("gpus", 0)))
 
     return threads
+
+
+# ----------------------------------------------------------------- tracking
+# Resources, not params: switching tracking off changes where runs are
+# recorded, never a result, so it must not re-run anything.
+def tracking_train_flag(wildcards) -> str:
+    """``manidp train`` flag: no MLflow run when tracking is off."""
+    return "" if TRACKING else "--set tracking.enabled=false"
+
+
+def tracking_command_flag(wildcards) -> str:
+    """``manidp tracking-*`` flag: write an empty run id and touch no store when tracking is off."""
+    return "" if TRACKING else "--no-tracking"
 
 
 def store_input(wildcards) -> list:
@@ -322,44 +539,14 @@ def parent_input(wildcards) -> str:
     return ancient(f"results/tracking/{wildcards.dataset}/{wildcards.backbone}/parent_run.txt")
 
 
+validate_config(config)
+
+
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_.-]+",
     backbone=r"[A-Za-z0-9_.]+",
     method=r"[A-Za-z0-9_]+",
     budget=r"0\.[0-9]+",
+    recipe=RECIPE_PATTERN,
     seed=r"[0-9]+",
     profile=r"[A-Za-z0-9_-]+",
-
-
-onstart:
-    # Stop before any job when a dataset that must be provided is absent
-    # (a dry run, which never gets here, still lists the whole plan).
-    needed = {job.wildcards.get("dataset") for job in workflow.dag.needrun_jobs() if "dataset" in job.wildcards.keys()}
-    message = missing_data_message(needed)
-    if message:
-        raise WorkflowError(message)
-
-
-def write_report(path) -> None:
-    """``snakemake --report`` for the targets and config of the run that just succeeded.
-
-    A second Snakemake process, because the report is assembled from finished
-    outputs and their recorded provenance, which exist only once this run is
-    over. A failed report only warns: the results themselves are complete.
-    """
-    if not path:
-        return
-    import subprocess
-
-    settings = workflow.config_settings
-    command = [sys.executable, "-m", "snakemake", "--report", str(path), "--snakefile", str(workflow.main_snakefile),
-               "--directory", os.getcwd()]
-    command += [arg for configfile in settings.configfiles for arg in ("--configfile", str(configfile))]
-    if settings.config_args:
-        command += ["--config", *settings.config_args]
-    command += sorted(workflow.dag_settings.targets)
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        logger.warning(f"the report could not be written ({' '.join(command)}):\n{result.stderr[-2000:]}")
-    else:
-        logger.info(f"report written to {path}")

@@ -12,10 +12,10 @@ rule latency:
         "runs/{dataset}/{backbone}/{method}-b{budget}/seed{seed}/latency_{profile}.json",
     log:
         "results/logs/{dataset}/{backbone}/{method}-b{budget}/seed{seed}/latency_{profile}.log",
-    params:
-        run="runs/{dataset}/{backbone}/{method}-b{budget}/seed{seed}",
-        dense="runs/{dataset}/{backbone}/dense/seed{seed}",
-        profile=latency_args,
+    benchmark:
+        "results/benchmarks/{dataset}/{backbone}/{method}-b{budget}/seed{seed}/latency_{profile}.tsv"
+    conda:
+        ENV_FILE
     # The profile's threads, reserved whole so concurrent jobs do not skew the timing.
     threads: lambda wc: profile_of(wc)["threads"]
     resources:
@@ -23,5 +23,9 @@ rule latency:
         mem_mb=resource("latency", "mem_mb", 4000),
         runtime=resource("latency", "runtime", 30),
         slurm_partition=resource("latency", "partition", ""),
+    params:
+        run=measured_folder,
+        dense=dense_folder,
+        profile=latency_args,
     shell:
         "manidp latency {params.run} --dense {params.dense} {params.profile} --out {output} > {log} 2>&1"

@@ -1,52 +1,148 @@
 # Tables and plots per dataset, built from the run files alone (never from the
-# tracking store), and the HTML report after a successful run.
-localrules: table, plot
+# tracking store). The HTML report is Snakemake's own (`report-after-run` in
+# the profiles, or `snakemake --report results/report.html`).
 
 
 rule table:
-    """The paper-layout table: ours (mean +- std over seeds) beside the paper's reported rows."""
+    """The paper-layout table (mean +- std over seeds) beside the paper's reported rows, and one row per run."""
     input:
-        unpack(lambda wc: report_inputs(wc.dataset)),
+        unpack(report_inputs),
     output:
-        csv=report("results/{dataset}_table.csv", caption="../report/table.rst", category="Tables",
-                   subcategory="{dataset}"),
+        csv=report(
+            "results/{dataset}_table.csv",
+            caption="../report/table.rst",
+            category="Tables",
+            subcategory="{dataset}",
+        ),
         md="results/{dataset}_table.md",
         tex="results/{dataset}_table.tex",
+        per_seed=report(
+            "results/{dataset}_per_seed.csv",
+            caption="../report/per_seed.rst",
+            category="Tables",
+            subcategory="{dataset}",
+        ),
     log:
         "results/logs/{dataset}/table.log",
-    params:
-        runs=lambda wc: " ".join(all_run_dirs(wc.dataset)),
-        profiles=lambda wc: " ".join(profiles(wc.dataset)),
+    localrule: True
+    conda:
+        ENV_FILE
     threads: 1
     resources:
         mem_mb=resource("report", "mem_mb", 2000),
         runtime=resource("report", "runtime", 30),
+    params:
+        runs=lambda wc: " ".join(main_dirs(wc)),
+        profiles=lambda wc: " ".join(profiles(wc.dataset)),
     shell:
         "manidp table --dataset {wildcards.dataset} --runs {params.runs} --profiles {params.profiles} "
-        "--out {output.csv} > {log} 2>&1"
+        "--out {output.csv} --per-seed {output.per_seed} > {log} 2>&1"
 
 
 rule plot:
-    """Accuracy vs MACs (error bars over seeds, paper points marked) and per-instance MACs vs difficulty."""
+    """Accuracy vs MACs and vs measured speed-up (error bars over seeds, paper points marked), MACs vs difficulty."""
     input:
-        unpack(lambda wc: report_inputs(wc.dataset)),
+        unpack(report_inputs),
     output:
-        pareto=report("results/{dataset}_pareto.png", caption="../report/pareto.rst", category="Plots",
-                      subcategory="{dataset}"),
-        difficulty=report("results/{dataset}_macs_vs_difficulty.png", caption="../report/difficulty.rst",
-                          category="Plots", subcategory="{dataset}"),
+        pareto=report(
+            "results/{dataset}_pareto.png",
+            caption="../report/pareto.rst",
+            category="Plots",
+            subcategory="{dataset}",
+        ),
+        difficulty=report(
+            "results/{dataset}_macs_vs_difficulty.png",
+            caption="../report/difficulty.rst",
+            category="Plots",
+            subcategory="{dataset}",
+        ),
+        speedup=report(
+            "results/{dataset}_speedup.png",
+            caption="../report/speedup.rst",
+            category="Plots",
+            subcategory="{dataset}",
+        ),
     log:
         "results/logs/{dataset}/plot.log",
-    params:
-        runs=lambda wc: " ".join(all_run_dirs(wc.dataset)),
+    localrule: True
+    conda:
+        ENV_FILE
     threads: 1
     resources:
         mem_mb=resource("report", "mem_mb", 2000),
         runtime=resource("report", "runtime", 30),
+    params:
+        runs=lambda wc: " ".join(main_dirs(wc)),
     shell:
         "manidp plot --dataset {wildcards.dataset} --runs {params.runs} --pareto {output.pareto} "
-        "--difficulty {output.difficulty} > {log} 2>&1"
+        "--difficulty {output.difficulty} --speedup {output.speedup} > {log} 2>&1"
 
 
-onsuccess:
-    write_report(config.get("report"))
+rule ablation_table:
+    """The reference method beside its ablations (same budgets, seeds and dense checkpoints); on request only."""
+    input:
+        unpack(ablation_inputs),
+    output:
+        csv=report(
+            "results/{dataset}_ablations.csv",
+            caption="../report/ablations.rst",
+            category="Tables",
+            subcategory="{dataset}",
+        ),
+        md="results/{dataset}_ablations.md",
+        tex="results/{dataset}_ablations.tex",
+    log:
+        "results/logs/{dataset}/ablation_table.log",
+    localrule: True
+    conda:
+        ENV_FILE
+    threads: 1
+    resources:
+        mem_mb=resource("report", "mem_mb", 2000),
+        runtime=resource("report", "runtime", 30),
+    params:
+        runs=lambda wc: " ".join(ablation_dirs(wc)),
+    shell:
+        "manidp table --dataset {wildcards.dataset} --runs {params.runs} --profiles --out {output.csv} > {log} 2>&1"
+
+
+rule tuning_table:
+    """The recipe sweep on the validation split: every setting's mean +- std over seeds, and each method's choice."""
+    input:
+        metrics=tuning_metrics,
+    output:
+        report(
+            "results/{dataset}_tuning.csv",
+            caption="../report/tuning.rst",
+            category="Tables",
+            subcategory="{dataset}",
+        ),
+    log:
+        "results/logs/{dataset}/tuning_table.log",
+    localrule: True
+    conda:
+        ENV_FILE
+    threads: 1
+    resources:
+        mem_mb=resource("report", "mem_mb", 2000),
+        runtime=resource("report", "runtime", 30),
+    params:
+        runs=lambda wc: " ".join(tuning_dirs(wc)),
+    shell:
+        "manidp tuning-table --runs {params.runs} --out {output} > {log} 2>&1"
+
+
+rule dataset_all:
+    """Everything for one dataset (tables, plots, MLflow summary, models): `snakemake results/{dataset}_all.txt`."""
+    input:
+        dataset_targets,
+    output:
+        "results/{dataset}_all.txt",
+    log:
+        "results/logs/{dataset}/dataset_all.log",
+    localrule: True
+    conda:
+        ENV_FILE
+    threads: 1
+    shell:
+        "printf '%s\\n' {input} > {output} 2> {log}"

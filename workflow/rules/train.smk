@@ -2,15 +2,31 @@
 # budget fine-tunes from that same dense checkpoint, so all rows share a baseline.
 #
 # Resuming: the engine checkpoints every epoch and resumes when re-run, so a
-# killed, preempted or requeued job (Slurm --requeue) continues where it
-# stopped. A finished run deletes its checkpoint; a job that finds no
-# checkpoint starts from an empty folder. So a re-run caused by a changed
-# recipe or a re-trained dense model never resumes stale state.
+# killed, preempted, requeued or retried job (Slurm --requeue, --retries)
+# continues where it stopped. A finished run deletes its checkpoint; a job that
+# finds no checkpoint starts from an empty folder. So a re-run caused by a
+# changed recipe or a re-trained dense model never resumes stale state.
+
+
+rule check_data:
+    """A dataset the user provides (ImageNet) is where the config says, before any job on it starts."""
+    output:
+        temp("results/data/{dataset}.checked"),
+    log:
+        "results/logs/{dataset}/check_data.log",
+    localrule: True
+    conda:
+        ENV_FILE
+    params:
+        data=data_folder,
+    script:
+        "../scripts/check_data.py"
 
 
 rule train_dense:
     """The dense baseline: trained with the dataset's recipe, or imported from a pretrained source and evaluated."""
     input:
+        data=data_checked,
         parent=parent_input,
     output:
         metrics="runs/{dataset}/{backbone}/dense/seed{seed}/metrics.json",
@@ -18,10 +34,10 @@ rule train_dense:
         instances="runs/{dataset}/{backbone}/dense/seed{seed}/instances_test.csv",
     log:
         "results/logs/{dataset}/{backbone}/dense/seed{seed}/train.log",
-    params:
-        run="runs/{dataset}/{backbone}/dense/seed{seed}",
-        recipe=dense_args,
-        launcher=train_launcher("dense"),
+    benchmark:
+        "results/benchmarks/{dataset}/{backbone}/dense/seed{seed}/train.tsv"
+    conda:
+        ENV_FILE
     threads: resource("dense", "threads", 1)
     resources:
         gpu=resource("dense", "gpus", 0),
@@ -29,12 +45,17 @@ rule train_dense:
         runtime=resource("dense", "runtime", 60),
         slurm_partition=resource("dense", "partition", ""),
         threads_per_process=process_threads("dense"),
+        tracking=tracking_train_flag,
+    params:
+        run=run_folder,
+        recipe=dense_args,
+        launcher=train_launcher("dense"),
     shell:
         """
         [ -f {params.run}/checkpoint.pt ] || rm -rf {params.run}
         {params.launcher} train --dataset {wildcards.dataset} --backbone {wildcards.backbone} --method dense \
             --seed {wildcards.seed} {params.recipe} --out {params.run} --threads {resources.threads_per_process} \
-            --set tracking.parent_run_id=$(cat {input.parent}) {TRACKING_ARGS} > {log} 2>&1
+            --set tracking.parent_run_id=$(cat {input.parent}) {resources.tracking} >{log} 2>&1
         rm -f {params.run}/checkpoint.pt
         """
 
@@ -51,11 +72,10 @@ rule train_method:
         instances="runs/{dataset}/{backbone}/{method}-b{budget}/seed{seed}/instances_test.csv",
     log:
         "results/logs/{dataset}/{backbone}/{method}-b{budget}/seed{seed}/train.log",
-    params:
-        run="runs/{dataset}/{backbone}/{method}-b{budget}/seed{seed}",
-        dense="runs/{dataset}/{backbone}/dense/seed{seed}",
-        recipe=method_args,
-        launcher=train_launcher("train"),
+    benchmark:
+        "results/benchmarks/{dataset}/{backbone}/{method}-b{budget}/seed{seed}/train.tsv"
+    conda:
+        ENV_FILE
     threads: resource("train", "threads", 1)
     resources:
         gpu=resource("train", "gpus", 0),
@@ -63,12 +83,57 @@ rule train_method:
         runtime=resource("train", "runtime", 60),
         slurm_partition=resource("train", "partition", ""),
         threads_per_process=process_threads("train"),
+        tracking=tracking_train_flag,
+    params:
+        run=run_folder,
+        dense=dense_folder,
+        recipe=method_args,
+        launcher=train_launcher("train"),
     shell:
         """
         [ -f {params.run}/checkpoint.pt ] || rm -rf {params.run}
         {params.launcher} train --dataset {wildcards.dataset} --backbone {wildcards.backbone} {params.recipe} \
             --budget {wildcards.budget} --seed {wildcards.seed} --init-from {params.dense} --out {params.run} \
             --threads {resources.threads_per_process} \
-            --set tracking.parent_run_id=$(cat {input.parent}) {TRACKING_ARGS} > {log} 2>&1
+            --set tracking.parent_run_id=$(cat {input.parent}) {resources.tracking} >{log} 2>&1
+        rm -f {params.run}/checkpoint.pt
+        """
+
+
+rule train_tuning:
+    """One setting of a method's recipe sweep (lr x knob) at one seed, judged on the validation split only.
+
+    --set eval_splits=["val"]: the run evaluates the validation split alone and
+    never loads the test split. Not tracked in MLflow: the sweep's record is
+    results/{dataset}_tuning.csv.
+    """
+    input:
+        dense_model="runs/{dataset}/{backbone}/dense/seed{seed}/model.pt",
+    output:
+        metrics="runs/tuning/{dataset}/{backbone}/{method}-b{budget}/{recipe}/seed{seed}/metrics.json",
+    log:
+        "results/logs/tuning/{dataset}/{backbone}/{method}-b{budget}/{recipe}/seed{seed}/train.log",
+    benchmark:
+        "results/benchmarks/tuning/{dataset}/{backbone}/{method}-b{budget}/{recipe}/seed{seed}/train.tsv"
+    conda:
+        ENV_FILE
+    threads: resource("train", "threads", 1)
+    resources:
+        gpu=resource("train", "gpus", 0),
+        mem_mb=resource("train", "mem_mb", 4000),
+        runtime=resource("train", "runtime", 60),
+        slurm_partition=resource("train", "partition", ""),
+        threads_per_process=process_threads("train"),
+    params:
+        run=run_folder,
+        dense=dense_folder,
+        recipe=tuning_args,
+        launcher=train_launcher("train"),
+    shell:
+        """
+        [ -f {params.run}/checkpoint.pt ] || rm -rf {params.run}
+        {params.launcher} train --dataset {wildcards.dataset} --backbone {wildcards.backbone} {params.recipe} \
+            --budget {wildcards.budget} --seed {wildcards.seed} --init-from {params.dense} --out {params.run} \
+            --threads {resources.threads_per_process} --set tracking.enabled=false >{log} 2>&1
         rm -f {params.run}/checkpoint.pt
         """
