@@ -23,7 +23,9 @@ conv's output is tied to the shortcut), conv1 of a Bottleneck, the expansion
 conv (with its depthwise conv) of an inverted residual. ``all`` prunes every
 coupled group, residual groups together; it is refused where the graph couples
 layers of different widths, i.e. on option-A CIFAR ResNets whose zero-pad
-shortcuts Torch-Pruning cannot follow.
+shortcuts Torch-Pruning cannot follow. ``auto`` is ``all`` where the graph
+allows it and ``first_conv`` where it does not (FPGM's and SFP's default: their
+papers prune every conv; option-A shortcuts force first-conv pruning).
 """
 from __future__ import annotations
 
@@ -128,10 +130,18 @@ def _all(groups: list[ChannelGroup]) -> list[ChannelGroup]:
     return [g for g in groups if g.convs]
 
 
+def _auto(groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    """``all`` where the dependency graph allows it, ``first_conv`` where option-A shortcuts forbid it."""
+    if any(not g.consistent for g in groups):
+        return _first_conv(groups)
+    return _all(groups)
+
+
 #: Layer-selection modes: all coupled groups -> the groups a method may prune.
 LAYER_MODES: dict[str, Callable[[list[ChannelGroup]], list[ChannelGroup]]] = {
     "first_conv": _first_conv,
     "all": _all,
+    "auto": _auto,
 }
 
 
@@ -265,14 +275,32 @@ def silence_channels(model: nn.Module, groups: list[ChannelGroup], removed: Mapp
 
 
 @torch.no_grad()
-def zero_filters(model: nn.Module, groups: list[ChannelGroup], removed: Mapping[str, Sequence[int]]) -> None:
-    """The soft schedule's step: zero the selected filters of the group's full convs (BN untouched)."""
+def zero_filters(model: nn.Module, groups: list[ChannelGroup], removed: Mapping[str, Sequence[int]],
+                 silence_bn: bool = True) -> None:
+    """The soft schedule's step: zero the selected filters (and biases) of the group's convs.
+
+    With ``silence_bn`` the selected channels output exactly 0, as if removed:
+    the shift and running mean of every BN whose outputs they are are zeroed
+    too (a zero filter gives a zero batch in train mode, and BN then outputs
+    its shift; in eval mode ``-running_mean * scale + shift``), so the
+    physically pruned model computes exactly what the masked one did. The BN
+    scale is kept. Without it (both authors' codes) a zeroed channel still
+    feeds ``ReLU(shift)`` forward.
+    """
     for g in groups:
+        rows = removed[g.key]
         for name in g.convs:
             conv = model.get_submodule(name)
-            conv.weight[_rows(removed[g.key], conv.weight.device)] = 0
+            conv.weight[_rows(rows, conv.weight.device)] = 0
             if conv.bias is not None:
-                conv.bias[_rows(removed[g.key], conv.bias.device)] = 0
+                conv.bias[_rows(rows, conv.bias.device)] = 0
+        for name in g.out_layers if silence_bn else ():
+            norm = model.get_submodule(name)
+            if isinstance(norm, nn.BatchNorm2d):
+                if norm.bias is not None:
+                    norm.bias[_rows(rows, norm.bias.device)] = 0
+                if norm.running_mean is not None:
+                    norm.running_mean[_rows(rows, norm.running_mean.device)] = 0
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""``channel_gating``: Channel Gating Neural Networks (Hua et al., NeurIPS 2019). Dynamic.
+"""``channel_gating``: CGNet-style channel gating (budget-calibrated), after Channel Gating Neural
+Networks (Hua et al., NeurIPS 2019; authors' code cornell-zhang/dnn-gating). Dynamic.
 
 Each gated conv first computes a partial sum from a fixed 1/p of its input
 channels, split block-diagonally as in the authors' scripts (output group g
@@ -49,16 +50,19 @@ class _StraightThroughStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, alpha: float, sparse: bool) -> torch.Tensor:
         ctx.save_for_backward(x)
-        ctx.alpha = alpha
+        ctx.alpha, ctx.sparse = alpha, sparse
         return (x > 0).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         s = torch.sigmoid(ctx.alpha * x)
-        return grad * ctx.alpha * s * (1 - s), None
+        grad = grad * ctx.alpha * s * (1 - s)
+        if ctx.sparse:  # the authors' --sparse_bp: no gradient where the gate is off
+            grad = grad * (x >= 0).to(grad.dtype)
+        return grad, None, None
 
 
 class GatedConv2d(nn.Module):
@@ -70,9 +74,10 @@ class GatedConv2d(nn.Module):
     effective number of input channels per output activation.
     """
 
-    def __init__(self, conv: nn.Conv2d, partitions: int, threshold: float):
+    def __init__(self, conv: nn.Conv2d, partitions: int, threshold: float, sparse_bp: bool = True):
         super().__init__()
         self.conv = conv
+        self.sparse_bp = sparse_bp
         out_group = torch.arange(conv.out_channels) * partitions // conv.out_channels
         in_group = torch.arange(conv.in_channels) * partitions // conv.in_channels
         base = out_group[:, None] == in_group[None, :]
@@ -89,7 +94,7 @@ class GatedConv2d(nn.Module):
         full = self.conv(x)
         partial = self.conv._conv_forward(x, self.conv.weight * self.base_mask, self.conv.bias)
         score = self.norm(partial) - (self.delta + self.shift).view(1, -1, 1, 1)
-        gate = _StraightThroughStep.apply(score, SURROGATE_ALPHA)
+        gate = _StraightThroughStep.apply(score, SURROGATE_ALPHA, self.sparse_bp)
         on = gate.detach()
         self.in_kept = self.base_inputs + (on * self.rest_inputs.view(1, -1, 1, 1)).mean((1, 2, 3))
         self.on_rate = on.mean()
@@ -115,6 +120,7 @@ class ChannelGating(Method):
         "target": None,  # T; null = derived from the budget
         "gate_weight": 1.0e-4,  # weight of sum (delta - T)^2
         "calibrate": True,  # shift the thresholds on the validation split to meet the budget
+        "sparse_bp": True,  # the authors' training flag: gate gradients only where the gate is on
     }
 
     def __init__(self, options: Optional[dict] = None, budget: Optional[float] = None):
@@ -149,7 +155,8 @@ class ChannelGating(Method):
             self.target = self._target_for_budget(model, names, ctx)
         for name in names:
             parent, _, child = name.rpartition(".")
-            gate = GatedConv2d(model.get_submodule(name), self.options["partitions"], self.target)
+            gate = GatedConv2d(model.get_submodule(name), self.options["partitions"], self.target,
+                               bool(self.options["sparse_bp"]))
             setattr(model.get_submodule(parent), child, gate.to(next(model.parameters()).device))
             self.gates[f"{name}.conv"] = gate
         return model

@@ -14,7 +14,7 @@ import torch
 
 from conftest import small_run_config
 from baselines._structured import (channel_groups, group_scores, plan_removal, remove_channels, select_removed,
-                                   silence_channels)
+                                   silence_channels, zero_filters)
 from manidp.engine import train
 from manidp.errors import UserError
 from manidp.gating import kept_channels
@@ -86,11 +86,13 @@ def test_budget_is_met_on_the_physically_pruned_model(budget):
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("silence", [silence_channels, zero_filters], ids=["static", "soft-step"])
 @pytest.mark.parametrize("backbone, input_size, layers", [
     ("cifar_resnet20", CIFAR, "first_conv"),
-    ("resnet18", (3, 32, 32), "all"),
+    ("resnet18", (3, 32, 32), "auto"),
 ])
-def test_masked_and_physically_pruned_models_agree(backbone, input_size, layers):
+def test_masked_and_physically_pruned_models_agree(backbone, input_size, layers, silence):
+    """Both the static silencing and the soft schedule's zeroing step make removal exact (eval mode)."""
     torch.manual_seed(0)
     model = timm.create_model(backbone, num_classes=10, in_chans=input_size[0])
     with torch.no_grad():  # non-trivial BN statistics, so a silenced channel really must output 0
@@ -104,7 +106,7 @@ def test_masked_and_physically_pruned_models_agree(backbone, input_size, layers)
     counts, _ = plan_removal(model, input_size, groups, 0.5)
     removed = select_removed(group_scores(model, groups, METHODS.get("fpgm").filter_scores), counts)
     masked = copy.deepcopy(model)
-    silence_channels(masked, groups, removed)
+    silence(masked, groups, removed)
     pruned = remove_channels(copy.deepcopy(model), input_size, removed)
     x = torch.randn(4, *input_size)
     with torch.no_grad():
@@ -278,3 +280,86 @@ def test_resnet18_forward_backward_smoke(name):
         model(val[0][0])
     macs = method.instance_macs(model, counter, 2)
     assert (macs < ctx.dense_macs).all()
+
+
+def test_auto_layers_prune_every_conv_where_the_graph_allows_it():
+    bottleneck = timm.create_model("resnet50", num_classes=10)
+    auto = channel_groups(bottleneck, (3, 32, 32), "auto")
+    pruned_convs = {conv for g in auto for conv in g.convs}
+    assert {"layer1.0.conv1", "layer1.0.conv2", "layer1.0.conv3", "layer1.0.downsample.0"} <= pruned_convs
+    assert len(auto) == len(channel_groups(bottleneck, (3, 32, 32), "all"))
+    option_a = _resnet20()  # zero-pad shortcuts: auto falls back to the first conv of each block
+    assert channel_groups(option_a, CIFAR, "auto") == channel_groups(option_a, CIFAR, "first_conv")
+    for name in ("fpgm", "sfp"):
+        assert METHODS.get(name).default_options["layers"] == "auto"
+
+
+def _soft_steps(method, model, ctx, steps=3):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    method.on_train_start(model, ctx)
+    for _ in range(steps):
+        loss, _, _ = method.training_loss(model, torch.randn(8, *CIFAR), torch.randint(0, 10, (8,)), ctx)
+        optimizer.zero_grad()
+        loss.backward()
+        method.after_backward(model, ctx)
+        optimizer.step()
+        method.after_step(model, ctx)
+
+
+def test_sfp_default_is_its_authors_schedule_zeroed_filters_are_not_held():
+    assert METHODS.get("sfp")(budget=0.4).options["zero_grad"] is False
+    assert "SFP authors' code" in METHODS.get("sfp")(budget=0.4).describe()["variant"]
+    model = _resnet20().train()
+    with torch.no_grad():  # a trained net's BN shifts: ReLU(shift) > 0 carries the gradient back
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.bias.uniform_(0.1, 0.5)
+    method = METHODS.get("sfp")({"silence_bn": False}, budget=0.4)  # the authors' forward
+    ctx = _context(model, CIFAR)
+    method.prepare(model, ctx)
+    _soft_steps(method, model, ctx)
+    moved = [float(model.get_submodule(key).weight[idxs].detach().abs().sum())
+             for key, idxs in method.selection.items()]
+    assert all(m > 0 for m in moved)  # no gradient mask: the zeroed filters keep updating
+    method.on_epoch_end(model, ctx)  # the next soft step zeroes the new selection again
+    for key, idxs in method.selection.items():
+        assert model.get_submodule(key).weight[idxs].abs().sum() == 0
+
+
+@pytest.mark.parametrize("name", ["fpgm", "sfp"])
+def test_soft_pruning_records_equal_masked_and_pruned_validation_accuracy(name):
+    model = _resnet20().train()
+    generator = torch.Generator().manual_seed(0)
+    val = [(torch.randn(16, *CIFAR, generator=generator), torch.randint(0, 10, (16,), generator=generator))]
+    method = METHODS.get(name)(budget=0.4)
+    ctx = _context(model, CIFAR, val_loader=val)
+    method.prepare(model, ctx)
+    _soft_steps(method, model, ctx)
+    method.on_epoch_end(model, ctx)
+    model.eval()
+    with torch.no_grad():
+        masked_logits = model(val[0][0])
+    pruned = method.finalize(model, ctx)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(val[0][0]), masked_logits, atol=1e-5, rtol=1e-4)
+    final = method.final_metrics()
+    assert final["val_top1_masked"] == final["val_top1_pruned"]
+
+
+def test_channel_gating_sparse_backprop_only_where_the_gate_is_on():
+    """The authors train with --sparse_bp: no gradient through the gate where it is off."""
+    from baselines.channel_gating import GatedConv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    grads = {}
+    for sparse in (True, False):
+        gate = GatedConv2d(copy.deepcopy(conv), 4, 0.0, sparse_bp=sparse).train()
+        x = torch.randn(4, 8, 6, 6)
+        gate(x).sum().backward()
+        grads[sparse] = gate.delta.grad.clone()
+        score = gate.norm(gate.conv._conv_forward(x, gate.conv.weight * gate.base_mask, None)).detach()
+        off_everywhere = (score <= gate.delta.detach().view(1, -1, 1, 1)).all(dim=(0, 2, 3))
+    assert METHODS.get("channel_gating").default_options["sparse_bp"] is True
+    assert not torch.equal(grads[True], grads[False])
+    assert torch.all(grads[True][off_everywhere] == 0)

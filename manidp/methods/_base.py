@@ -166,6 +166,20 @@ class Method:
             seen += len(images)
         return 1 - total / seen / ctx.dense_macs
 
+    @torch.no_grad()
+    def validation_top1(self, model: nn.Module, ctx: RunContext) -> float:
+        """Top-1 (%) on the validation split, in eval mode (restores the previous mode)."""
+        was_training = model.training
+        model.eval()
+        correct, seen = 0, 0
+        for images, targets in ctx.val_loader:
+            with ctx.autocast():
+                logits = model(images.to(ctx.device))
+            correct += int((logits.argmax(1).cpu() == targets.cpu()).sum())
+            seen += len(images)
+        model.train(was_training)
+        return 100.0 * correct / seen
+
     def deploy(self, model: nn.Module) -> nn.Module:
         """The form that is timed for latency (static: the model as it is)."""
         return model
