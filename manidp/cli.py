@@ -198,7 +198,8 @@ def _macs_args(p):
     p.add_argument("backbone")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--in-chans", type=int, default=3)
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classifier classes (default: the backbone's own, 10 for CIFAR ResNets, 1000 for ImageNet ones)")
     p.add_argument("--json", action="store_true", help="print one JSON object with a 'macs' field")
 
 

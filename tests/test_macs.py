@@ -34,6 +34,16 @@ def test_cli_macs_json_matches_reference():
     assert json.loads(out)["macs"] == pytest.approx(3.664e9, rel=1e-3)
 
 
+@pytest.mark.parametrize("args,expected", [
+    ((), 125_485_696),  # a CIFAR backbone keeps its own 10-class head
+    (("--num-classes", "1000"), 125_549_056),
+])
+def test_cli_macs_cifar_head(args, expected):
+    out = subprocess.run(manidp_cli("macs", "cifar_resnet56", "--input-size", "32", "--json", *args),
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["macs"] == expected
+
+
 def test_pruned_model_counted_as_it_physically_is():
     wide = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
     narrow = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(5, 8, 3, padding=1))

@@ -49,9 +49,14 @@ def _state_dict_of(obj, path) -> dict:
 
 
 def build_backbone(
-    name: str, num_classes: int, in_chans: int = 3, pretrained: Optional[str] = None
+    name: str, num_classes: Optional[int] = None, in_chans: int = 3, pretrained: Optional[str] = None
 ) -> nn.Module:
-    """Create ``name`` from timm; ``pretrained`` is None, "hub" or a local checkpoint file."""
+    """Create ``name`` from timm; ``pretrained`` is None, "hub" or a local checkpoint file.
+
+    ``num_classes`` None keeps the backbone's own head: 10 classes for the
+    CIFAR ResNets, 1000 for the ImageNet models.
+    """
+    head = {} if num_classes is None else {"num_classes": num_classes}
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -61,13 +66,13 @@ def build_backbone(
         )
     if pretrained == "hub":
         try:
-            return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+            return timm.create_model(name, pretrained=True, in_chans=in_chans, **head)
         except Exception as err:
             raise UserError(
                 f"could not load timm hub weights for '{name}' ({type(err).__name__}: {str(err)[:200]}); "
                 "without network, download the weights elsewhere and set 'pretrained' to the local file"
             ) from None
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    model = timm.create_model(name, pretrained=False, in_chans=in_chans, **head)
     if pretrained:
         state = _state_dict_of(load_state_file(pretrained), pretrained)
         own = model.state_dict()
