@@ -376,3 +376,22 @@ def test_training_thresholds_follow_the_quantile_of_recent_instances():
     for layer, g in enumerate(method.gates):
         window = torch.cat([s[layer] for s in seen])
         assert g.gate.threshold.item() == pytest.approx(float(quantile_threshold(window, rate)), rel=1e-6)
+
+
+def test_complexity_and_beta_use_the_unsmoothed_cross_entropy():
+    """Label smoothing (the ImageNet recipe's 0.1) puts a floor under every CE; beta must not see it."""
+    batches = _batches([8, 8])
+    method = ManiDP({"eta": 0.0}, budget=0.5)
+    model, ctx = _model_and_context(method, steps=len(batches), train_loader=batches)
+    ctx.config["train"]["label_smoothing"] = 0.1
+    model = method.prepare(model, ctx).eval()
+    method.on_train_start(model, ctx)
+    with torch.no_grad():
+        plain = torch.cat([nn.functional.cross_entropy(model(x), y, reduction="none") for x, y in batches])
+    assert method.complexity == pytest.approx(0.5 * plain.mean().item(), rel=1e-5)
+    images, targets = batches[0]
+    loss, logits, _ = method.training_loss(model, images, targets, ctx)
+    smoothed = nn.functional.cross_entropy(logits, targets, label_smoothing=0.1)
+    beta = instance_weights(nn.functional.cross_entropy(logits, targets, reduction="none"), method.complexity)
+    sparse = sum((beta * g.gate.saliency.mean(1)).mean() for g in method.gates)
+    assert loss.item() == pytest.approx((smoothed + 0.1 * sparse).item(), rel=1e-5)

@@ -313,8 +313,12 @@ class ManiDP(Method):
 
     # -- training -----------------------------------------------------------
     def _instance_loss(self, logits: torch.Tensor, targets: torch.Tensor, ctx: RunContext) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), targets, reduction="none",
-                               label_smoothing=ctx.config["train"]["label_smoothing"])
+        """Per-instance CE without label smoothing: what beta and the complexity threshold measure.
+
+        Smoothing puts a floor under every instance's loss (about 0.5 nats at
+        0.1 over 1000 classes), which would mark easy instances as hard.
+        """
+        return F.cross_entropy(logits.float(), targets, reduction="none")
 
     def _reset_loss_sums(self, device) -> None:
         """Per-epoch accumulators of the training CE: [sum, count]."""
@@ -377,7 +381,8 @@ class ManiDP(Method):
         self._accumulate(losses)
         opts = self.options
         saliencies = [site.gate.saliency for site in self.gates]
-        loss = losses.mean()
+        smoothing = ctx.config["train"]["label_smoothing"]
+        loss = (F.cross_entropy(logits.float(), targets, label_smoothing=smoothing) if smoothing else losses.mean())
         logs = {}
         if opts["lam"]:
             if opts["no_complexity"]:
