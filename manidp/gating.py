@@ -68,6 +68,10 @@ What the machinery gives a method (the API FBS and ManiDP share):
 from __future__ import annotations
 
 import copy
+import statistics
+import time
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -82,8 +86,9 @@ from manidp.models.cifar_resnet import CifarBasicBlock
 
 __all__ = [
     "GateFactory", "GateSpec", "ChannelGate", "BLOCKS", "register_gated_block", "insert_gates",
-    "gated_layers", "kept_channels", "copy_model", "deploy_model",
-    "DeployedBasicBlock", "DeployedBottleneck", "DeployedInvertedResidual",
+    "gated_layers", "kept_channels", "copy_model", "deploy_model", "plan_deployment", "compile_deployed",
+    "fold_batchnorm", "trace_and_freeze", "deployed_blocks", "slice_cache", "set_slice_cache_limit", "cast_deployed",
+    "SliceCache", "DEFAULT_SLICE_CACHE_MB", "DeployedBasicBlock", "DeployedBottleneck", "DeployedInvertedResidual",
 ]
 
 GateFactory = Callable[[int, int], nn.Module]
@@ -259,19 +264,16 @@ def _require_identity(block: nn.Module, names: Sequence[str]) -> None:
                             "deployed form")
 
 
-def _kept(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices and scales of a batch-1 mask's kept channels.
-
-    An empty set keeps channel 0 with scale 0: the output is the same (the
-    channel is multiplied by zero) and PyTorch refuses zero-size convolutions.
-    """
-    index = mask[0].nonzero().squeeze(1)
-    if index.numel() == 0:
-        return mask.new_zeros(1, dtype=torch.long), mask.new_zeros(1)
-    return index, mask[0].index_select(0, index)
+_ONEDNN = torch.backends.mkldnn.is_available()
+# oneDNN convolution with a weight reordered once into its blocked layout, bias and ReLU fused (the ops
+# Inductor's CPU freezing emits). A gathered slice is packed when it enters the cache, so a repeated
+# kept set pays neither the gather nor oneDNN's per-call weight reorder (at 7x7 that reorder costs
+# about as much as the convolution).
+_PACKED = _ONEDNN and hasattr(torch.ops.mkldnn, "_convolution_pointwise") \
+    and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
 
 
-def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride, padding, dilation,
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation,
           groups: int = 1) -> torch.Tensor:
     """``F.conv2d``, but straight to oneDNN on CPU.
 
@@ -285,34 +287,244 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride, pad
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
-_ONEDNN = torch.backends.mkldnn.is_available()
+@dataclass(frozen=True)
+class _ConvGeometry:
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> "_ConvGeometry":
+        return cls(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation))
 
 
-def _scatter_pooled(y: torch.Tensor, index: torch.Tensor, channels: int) -> torch.Tensor:
-    """The global average pool of the full-width masked tensor, as a ``[1, C, 1, 1]`` map."""
-    pooled = y.new_zeros(1, channels, 1, 1)
-    pooled[0, index, 0, 0] = y.mean((2, 3))[0]
-    return pooled
+class _SlicedConv:
+    """A BN-folded convolution restricted to some channels, ready to run (prepacked when oneDNN allows)."""
+
+    __slots__ = ("weight", "bias", "geometry", "groups", "packed", "nbytes")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, geometry: _ConvGeometry, groups: int,
+                 input_shape: Sequence[int]):
+        self.geometry, self.groups = geometry, groups
+        self.nbytes = weight.numel() * weight.element_size() + bias.numel() * bias.element_size()
+        self.packed = _PACKED and weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16)
+        if self.packed:
+            g = geometry
+            weight = torch.ops.mkldnn._reorder_convolution_weight(
+                weight.contiguous(), list(g.padding), list(g.stride), list(g.dilation), groups, list(input_shape))
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        g = self.geometry
+        if self.packed:
+            return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, list(g.padding),
+                                                           list(g.stride), list(g.dilation), self.groups,
+                                                           "relu" if relu else "none", [], "")
+        y = _conv(x, self.weight, self.bias, g.stride, g.padding, g.dilation, self.groups)
+        return y.relu_() if relu else y
+
+
+class SliceCache:
+    """Bounded LRU cache of sliced (and prepacked) BN-folded weights, keyed by kept-channel set.
+
+    Trained gates are nearly static (few distinct kept sets), so most calls
+    find their slices here and pay no gather. ``max_bytes`` caps the memory the
+    cached slices hold (their dense size; oneDNN's blocked layout pads channels
+    up to its SIMD block); the least recently used entries go first.
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise UserError(f"the slice cache's memory cap must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key, build: Callable[[], tuple[object, int]]):
+        """The entry for ``key``; on a miss ``build() -> (value, nbytes)`` makes it (and it is kept if it fits)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+        self.misses += 1
+        value, nbytes = build()
+        if nbytes <= self.max_bytes:
+            self._entries[key] = (value, nbytes)
+            self.bytes += nbytes
+            while self.bytes > self.max_bytes:
+                _, (_, freed) = self._entries.popitem(last=False)
+                self.bytes -= freed
+                self.evictions += 1
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    def reset_counts(self) -> None:
+        self.hits = self.misses = self.evictions = 0
+
+    def stats(self) -> dict:
+        calls = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / calls if calls else None,
+                "evictions": self.evictions, "entries": len(self._entries), "bytes": self.bytes,
+                "max_bytes": self.max_bytes}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __deepcopy__(self, memo) -> "SliceCache":
+        return SliceCache(self.max_bytes)  # packed oneDNN weights cannot be copied; a copy refills itself
+
+
+#: Default memory cap of a deployed model's slice cache.
+DEFAULT_SLICE_CACHE_MB = 256.0
+
+
+def _pooled(x: torch.Tensor) -> torch.Tensor:
+    """The gate input: the fp32 global average pool as a ``[B, C, 1, 1]`` map (contract item 2).
+
+    fp32 whatever the activations' dtype: under bf16, whose spacing near 1 is
+    2**-7, a saliency compared with its threshold would flip masks.
+    """
+    if x.dtype == torch.float32:
+        return x.mean((2, 3), keepdim=True)  # one op; the dtype argument adds two (sum, divide)
+    return x.mean((2, 3), keepdim=True, dtype=torch.float32)
+
+
+def _fuse_gate(gate: nn.Module, channels: int, device) -> nn.Module:
+    """The gate as one frozen TorchScript call on its pooled input, else the gate itself.
+
+    Each gate is about ten tiny ops (Linear, ReLU, clamp, threshold, ...): in
+    eager mode their Python dispatch costs more than their arithmetic. Tracing
+    on a pooled ``[1, C, 1, 1]`` map is exact by the gate contract; the trace
+    is checked at another batch size, and freezing turns the weights and
+    thresholds into fp32 constants (a later bf16 cast of the model leaves them
+    alone). A gate that does not trace (data-dependent Python) stays eager.
+    """
+    example = torch.rand(1, channels, 1, 1, device=device)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(copy_model(gate), example,
+                                     check_inputs=[(torch.rand(3, channels, 1, 1, device=device),)])
+            return torch.jit.freeze(traced)
+    except (RuntimeError, torch.jit.TracingCheckError):
+        return gate
 
 
 class _Deployed(nn.Module):
-    """Batch-1 inference only. A deployed block may overwrite its input tensor
-    (the residual is accumulated into it when the shortcut is the identity)."""
+    """A gated block in deployed form: BN folded, two ways to run.
 
-    def _check(self, x: torch.Tensor) -> None:
-        if x.shape[0] != 1:
-            raise ValueError(f"the deployed model runs one instance at a time (batch size 1), got {x.shape[0]}")
+    * ``"gathered"`` (CPU, batch 1): the gate decides, then the convolutions
+      run on cached slices of the kept channels only. A deployed block may
+      overwrite its input (the residual is accumulated into it).
+    * ``"dense"`` (any device, any batch): the folded convolutions run at full
+      width and the masks multiply their outputs: static shapes, no host
+      synchronisation, so it also serves CUDA and batches > 1.
+
+    ``path`` picks the way for batch-1 CPU calls (:func:`plan_deployment`
+    measures which is faster); every other call runs dense.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.path = "gathered"
+        self.cache = SliceCache(int(DEFAULT_SLICE_CACHE_MB * 2 ** 20))
+        self.recorded: Optional[list] = None  # masks of dense calls, while a plan counts kept channels
+
+    def _set_gates(self, *gates: ChannelGate) -> None:
+        """Keep the method's gates (fp32, eager: what a trace of the dense path inlines) and their fused
+        forms (:func:`_fuse_gate`, for eager calls). The fused ones are plain attributes, not
+        submodules: TorchScript cannot trace a module that holds frozen modules."""
+        for i, site in enumerate(gates, 1):
+            self.add_module(f"gate{i}", copy_model(site.gate).eval().float())
+        self.gate_channels = [site.in_channels for site in gates]
+        self._fuse_gates()
+
+    def _fuse_gates(self) -> None:
+        self.fused = []
+        for i, channels in enumerate(self.gate_channels):
+            gate = getattr(self, f"gate{i + 1}").float()
+            tensors = [*gate.parameters(), *gate.buffers()]
+            self.fused.append(_fuse_gate(gate, channels, tensors[0].device if tensors else None))
+
+    def _gate(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Gate ``i``'s mask ``[B, C]`` for the (full-width) tensor it reads.
+
+        Inside a trace the eager gate is inlined into the frozen graph; in fp32
+        it reads ``x`` itself (it pools anyway: one op fewer than pooling first).
+        """
+        if torch.jit.is_tracing():
+            gate = getattr(self, f"gate{i + 1}")
+            mask = gate(x if x.dtype == torch.float32 else _pooled(x))
+        else:
+            mask = self.fused[i](_pooled(x))
+        if self.recorded is not None:
+            self.recorded.append(mask)
+        return mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "gathered" and x.shape[0] == 1 and x.is_cpu:
+            return self.gathered(x)
+        return self.dense(x)
+
+    def _kept(self, mask: torch.Tensor) -> tuple[torch.Tensor, bytes]:
+        """Kept channels of a batch-1 mask: (index tensor, cache key), the index cached per set.
+
+        An empty set keeps channel 0, whose mask entry is 0: the channel is
+        computed and multiplied by zero (same output), and PyTorch refuses
+        zero-size convolutions.
+        """
+        alive = mask[0] != 0
+        key = alive.numpy().tobytes()
+
+        def build():
+            index = alive.nonzero().squeeze(1)
+            if index.numel() == 0:
+                index = alive.new_zeros(1, dtype=torch.long)
+            return index, index.numel() * index.element_size()
+
+        return self.cache.get((id(self), "kept", key), build), key
+
+    def _slice(self, name: str, keys: tuple, build: Callable[[], _SlicedConv]) -> _SlicedConv:
+        def sized():
+            sliced = build()
+            return sliced, sliced.nbytes
+
+        return self.cache.get((id(self), name, *keys), sized)
+
+    def gathered(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _scale(y: torch.Tensor, mask: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y`` times the mask's scales (of the kept channels ``index``), broadcast over space."""
+    scales = mask if index is None else mask.index_select(1, index)
+    if scales.dtype != y.dtype:
+        scales = scales.to(y.dtype)
+    return y.mul_(scales.unsqueeze(-1).unsqueeze(-1))
+
+
+def _scatter_pooled(y: torch.Tensor, index: torch.Tensor, channels: int) -> torch.Tensor:
+    """Gate input from a tensor holding only the kept channels ``index``: the ``[1, C, 1, 1]`` pool.
+
+    The skipped channels are zero, so only a C-long vector is filled, never a
+    full-width feature map.
+    """
+    pooled = y.new_zeros(1, channels, 1, 1, dtype=torch.float32)
+    return pooled.index_copy_(1, index, _pooled(y))
 
 
 class DeployedBasicBlock(_Deployed):
-    """A gated BasicBlock at batch 1: per call, evaluate the gates and run smaller convolutions.
-
-    conv1 runs on the kept output channels only (rows of the BN-folded weight,
-    one ``index_select``); conv2 runs on the kept input x kept output channels
-    (one gather from a precomputed ``[C2*C1, k*k]`` view, indexed by
-    ``k2 * C1 + k1``); its result is added into the shortcut at the kept
-    channels (``index_add_``), so no full-width scatter is needed.
-    """
+    """A gated BasicBlock. Gathered: conv1 on the kept output channels (ReLU fused), conv2 on the
+    kept input x kept output channels, its result added into the shortcut at the kept channels
+    (``index_add_``)."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
@@ -321,89 +533,101 @@ class DeployedBasicBlock(_Deployed):
         conv2 = _plain_conv(block.conv2, "BasicBlock.conv2")
         if conv1.groups != 1 or conv2.groups != 1:
             raise UserError("the deployed BasicBlock supports ungrouped convolutions only")
-        self.gate1, self.gate2 = block.gate1.gate, block.gate2.gate
+        self._set_gates(block.gate1, block.gate2)
         self.act1, self.act2 = block.act1, block.act2
-        self.downsample = block.downsample
+        self.relu1 = type(block.act1) is nn.ReLU  # fused into the gathered conv1
+        self.downsample = None if block.downsample is None else fold_batchnorm(block.downsample)
         w1, b1 = _fold_bn(conv1, block.bn1)
         w2, b2 = _fold_bn(conv2, block.bn2)
-        self.mid, self.out = w1.shape[0], w2.shape[0]
-        self.k1, self.k2 = tuple(w1.shape[2:]), tuple(w2.shape[2:])
-        self.register_buffer("w1", w1.reshape(self.mid, -1))
+        self.mid = w1.shape[0]
+        self.register_buffer("w1", w1)
         self.register_buffer("b1", b1)
-        self.register_buffer("w2", w2.reshape(self.out * self.mid, -1))
+        self.register_buffer("w2", w2)
         self.register_buffer("b2", b2)
-        self.conv1_args = (conv1.stride, conv1.padding, conv1.dilation)
-        self.conv2_args = (conv2.stride, conv2.padding, conv2.dilation)
+        self.geo1, self.geo2 = _ConvGeometry.of(conv1), _ConvGeometry.of(conv2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        k1, s1 = _kept(self.gate1(x))
-        w1 = self.w1.index_select(0, k1).view(-1, x.shape[1], *self.k1)
-        y = _conv(x, w1, self.b1.index_select(0, k1), *self.conv1_args)
-        y = self.act1(y).mul_(s1.to(y.dtype).view(1, -1, 1, 1))
-        k2, s2 = _kept(self.gate2(_scatter_pooled(y, k1, self.mid)))
-        w2 = self.w2.index_select(0, (k2[:, None] * self.mid + k1[None, :]).view(-1))
-        z = _conv(y, w2.view(k2.numel(), k1.numel(), *self.k2), self.b2.index_select(0, k2), *self.conv2_args)
-        z = z.mul_(s2.to(z.dtype).view(1, -1, 1, 1))
+    def gathered(self, x: torch.Tensor) -> torch.Tensor:
+        m1 = self.fused[0](_pooled(x))
+        k1, key1 = self._kept(m1)
+        conv1 = self._slice("conv1", (key1, x.shape), lambda: _SlicedConv(
+            self.w1.index_select(0, k1), self.b1.index_select(0, k1), self.geo1, 1, x.shape))
+        y = conv1(x, self.relu1)
+        y = _scale(y if self.relu1 else self.act1(y), m1, k1)
+        m2 = self.fused[1](_scatter_pooled(y, k1, self.mid))
+        k2, key2 = self._kept(m2)
+        conv2 = self._slice("conv2", (key1, key2, y.shape[2:]), lambda: _SlicedConv(
+            self.w2.index_select(0, k2).index_select(1, k1), self.b2.index_select(0, k2), self.geo2, 1, y.shape))
+        z = _scale(conv2(y, False), m2, k2)
         shortcut = x if self.downsample is None else self.downsample(x)
         return self.act2(shortcut.index_add_(1, k2, z))
 
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        g1, g2 = self.geo1, self.geo2
+        y = _scale(self.act1(F.conv2d(x, self.w1, self.b1, g1.stride, g1.padding, g1.dilation)),
+                   self._gate(0, x))
+        z = _scale(F.conv2d(y, self.w2, self.b2, g2.stride, g2.padding, g2.dilation), self._gate(1, y))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.act2(z.add_(shortcut))
+
 
 class DeployedBottleneck(_Deployed):
-    """A gated Bottleneck at batch 1: the 1x1 convs run as matrix products on the kept channels.
-
-    conv1 (1x1 reduce): kept output rows of the folded weight; conv2 (3x3):
-    kept input x kept output channels; conv3 (1x1 expand, dense output): the
-    kept input channels, taken as rows of its pre-transposed weight, so the
-    slice is one contiguous ``index_select``; the shortcut is its accumulator.
-    """
+    """A gated Bottleneck. Gathered: conv1 (1x1 reduce) on its kept outputs, conv2 (3x3) on kept
+    input x kept output channels, conv3 (1x1 expand, dense output) on the kept input channels;
+    every slice is cached and prepacked."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
         _require_identity(block, ("aa", "se"))
         convs = [_plain_conv(getattr(block, n), f"Bottleneck.{n}") for n in ("conv1", "conv2", "conv3")]
         conv1, conv2, conv3 = convs
-        if conv1.kernel_size != (1, 1) or conv1.stride != (1, 1) or conv3.kernel_size != (1, 1) \
-                or conv3.stride != (1, 1) or conv2.groups != 1:
-            raise UserError("the deployed Bottleneck needs stride-1 1x1 conv1/conv3 and an ungrouped conv2")
-        self.gate1, self.gate2 = block.gate1.gate, block.gate2.gate
+        if conv1.kernel_size != (1, 1) or conv3.kernel_size != (1, 1) or any(c.groups != 1 for c in convs):
+            raise UserError("the deployed Bottleneck needs 1x1 conv1/conv3 and ungrouped convolutions")
+        self._set_gates(block.gate1, block.gate2)
         self.act1, self.act2, self.act3 = block.act1, block.act2, block.act3
-        self.downsample = block.downsample
-        w1, b1 = _fold_bn(conv1, block.bn1)
-        w2, b2 = _fold_bn(conv2, block.bn2)
-        w3, b3 = _fold_bn(conv3, block.bn3)
-        self.c1, self.c2 = w1.shape[0], w2.shape[0]
-        self.k2 = tuple(w2.shape[2:])
-        self.register_buffer("w1", w1.flatten(1))
-        self.register_buffer("b1", b1)
-        self.register_buffer("w2", w2.reshape(self.c2 * self.c1, -1))
-        self.register_buffer("b2", b2)
-        self.register_buffer("w3t", w3.flatten(1).t().contiguous())
-        self.register_buffer("b3", b3.view(-1, 1))
-        self.conv2_args = (conv2.stride, conv2.padding, conv2.dilation)
+        self.relu1, self.relu2 = type(block.act1) is nn.ReLU, type(block.act2) is nn.ReLU
+        self.downsample = None if block.downsample is None else fold_batchnorm(block.downsample)
+        for i, (conv, bn) in enumerate(zip(convs, (block.bn1, block.bn2, block.bn3)), 1):
+            w, b = _fold_bn(conv, bn)
+            self.register_buffer(f"w{i}", w)
+            self.register_buffer(f"b{i}", b)
+        self.c1 = self.w1.shape[0]
+        self.geo = tuple(_ConvGeometry.of(c) for c in convs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        _, cin, h, w = x.shape
-        k1, s1 = _kept(self.gate1(x))
-        y = torch.addmm(self.b1.index_select(0, k1)[:, None], self.w1.index_select(0, k1), x.reshape(cin, h * w))
-        y = self.act1(y).mul_(s1.to(y.dtype)[:, None]).view(1, -1, h, w)
-        k2, s2 = _kept(self.gate2(_scatter_pooled(y, k1, self.c1)))
-        w2 = self.w2.index_select(0, (k2[:, None] * self.c1 + k1[None, :]).view(-1))
-        y = _conv(y, w2.view(k2.numel(), k1.numel(), *self.k2), self.b2.index_select(0, k2), *self.conv2_args)
-        y = self.act2(y).mul_(s2.to(y.dtype).view(1, -1, 1, 1))
-        h2, w2_ = y.shape[2:]
+    def gathered(self, x: torch.Tensor) -> torch.Tensor:
+        g1, g2, g3 = self.geo
+        m1 = self.fused[0](_pooled(x))
+        k1, key1 = self._kept(m1)
+        conv1 = self._slice("conv1", (key1, x.shape), lambda: _SlicedConv(
+            self.w1.index_select(0, k1), self.b1.index_select(0, k1), g1, 1, x.shape))
+        y = conv1(x, self.relu1)
+        y = _scale(y if self.relu1 else self.act1(y), m1, k1)
+        m2 = self.fused[1](_scatter_pooled(y, k1, self.c1))
+        k2, key2 = self._kept(m2)
+        conv2 = self._slice("conv2", (key1, key2, y.shape[2:]), lambda: _SlicedConv(
+            self.w2.index_select(0, k2).index_select(1, k1), self.b2.index_select(0, k2), g2, 1, y.shape))
+        y2 = conv2(y, self.relu2)
+        y2 = _scale(y2 if self.relu2 else self.act2(y2), m2, k2)
+        conv3 = self._slice("conv3", (key2, y2.shape[2:]), lambda: _SlicedConv(
+            self.w3.index_select(1, k2), self.b3, g3, 1, y2.shape))
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = shortcut.reshape(-1, h2 * w2_).addmm_(self.w3t.index_select(0, k2).t(), y.view(-1, h2 * w2_))
-        return self.act3(out.add_(self.b3).view(1, -1, h2, w2_))
+        return self.act3(conv3(y2, False).add_(shortcut))
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        g1, g2, g3 = self.geo
+        y = _scale(self.act1(F.conv2d(x, self.w1, self.b1, g1.stride, g1.padding, g1.dilation)),
+                   self._gate(0, x))
+        y = _scale(self.act2(F.conv2d(y, self.w2, self.b2, g2.stride, g2.padding, g2.dilation)),
+                   self._gate(1, y))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.act3(F.conv2d(y, self.w3, self.b3, g3.stride, g3.padding, g3.dilation).add_(shortcut))
 
 
 class DeployedInvertedResidual(_Deployed):
-    """A gated MobileNetV2 inverted residual at batch 1.
+    """A gated MobileNetV2 inverted residual.
 
-    The one mask selects the expanded channels: ``conv_pw`` computes only
-    those (a matrix product), ``conv_dw`` convolves only those (a depthwise
-    conv with as many groups as kept channels), ``conv_pwl`` reads only those.
+    The one mask selects the expanded channels: gathered, ``conv_pw`` computes
+    only those, ``conv_dw`` convolves only those (a depthwise conv with as many
+    groups as kept channels), ``conv_pwl`` reads only those.
     """
 
     def __init__(self, block: nn.Module):
@@ -411,34 +635,39 @@ class DeployedInvertedResidual(_Deployed):
         _require_identity(block, ("aa", "se", "conv_s2d"))
         pw, dw, pwl = (_plain_conv(getattr(block, n), f"InvertedResidual.{n}")
                        for n in ("conv_pw", "conv_dw", "conv_pwl"))
-        if pw.kernel_size != (1, 1) or pwl.kernel_size != (1, 1) or pw.stride != (1, 1) \
+        if pw.kernel_size != (1, 1) or pwl.kernel_size != (1, 1) or pw.groups != 1 or pwl.groups != 1 \
                 or dw.groups != dw.in_channels or dw.out_channels != dw.in_channels:
             raise UserError("the deployed InvertedResidual needs 1x1 expansion/projection and a depthwise conv")
-        self.gate1 = block.gate1.gate
+        self._set_gates(block.gate1)
         self.act1, self.act2, self.act3 = _bn_act(block.bn1), _bn_act(block.bn2), _bn_act(block.bn3)
         self.has_skip = block.has_skip
-        w1, b1 = _fold_bn(pw, block.bn1)
-        wd, bd = _fold_bn(dw, block.bn2)
-        w3, b3 = _fold_bn(pwl, block.bn3)
-        self.register_buffer("w1", w1.flatten(1))
-        self.register_buffer("b1", b1)
-        self.register_buffer("wd", wd)
-        self.register_buffer("bd", bd)
-        self.register_buffer("w3t", w3.flatten(1).t().contiguous())
-        self.register_buffer("b3", b3.view(-1, 1))
-        self.dw_args = (dw.stride, dw.padding, dw.dilation)
+        for name, conv, bn in (("w1", pw, block.bn1), ("wd", dw, block.bn2), ("w3", pwl, block.bn3)):
+            w, b = _fold_bn(conv, bn)
+            self.register_buffer(name, w)
+            self.register_buffer("b" + name[1:], b)
+        self.geo = tuple(_ConvGeometry.of(c) for c in (pw, dw, pwl))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        _, cin, h, w = x.shape
-        k, s = _kept(self.gate1(x))
-        y = torch.addmm(self.b1.index_select(0, k)[:, None], self.w1.index_select(0, k), x.reshape(cin, h * w))
-        y = self.act1(y).view(1, -1, h, w)
-        y = _conv(y, self.wd.index_select(0, k), self.bd.index_select(0, k), *self.dw_args, k.numel())
-        y = self.act2(y).mul_(s.to(y.dtype).view(1, -1, 1, 1))
-        h2, w2 = y.shape[2:]
-        out = torch.addmm(self.b3, self.w3t.index_select(0, k).t(), y.view(-1, h2 * w2))
-        out = self.act3(out).view(1, -1, h2, w2)
+    def gathered(self, x: torch.Tensor) -> torch.Tensor:
+        g1, gd, g3 = self.geo
+        m = self.fused[0](_pooled(x))
+        k, key = self._kept(m)
+        pw = self._slice("pw", (key, x.shape), lambda: _SlicedConv(
+            self.w1.index_select(0, k), self.b1.index_select(0, k), g1, 1, x.shape))
+        y = self.act1(pw(x, False))
+        dw = self._slice("dw", (key, y.shape[2:]), lambda: _SlicedConv(
+            self.wd.index_select(0, k), self.bd.index_select(0, k), gd, k.numel(), y.shape))
+        y = _scale(self.act2(dw(y, False)), m, k)
+        pwl = self._slice("pwl", (key, y.shape[2:]), lambda: _SlicedConv(
+            self.w3.index_select(1, k), self.b3, g3, 1, y.shape))
+        out = self.act3(pwl(y, False))
+        return out.add_(x) if self.has_skip else out
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        g1, gd, g3 = self.geo
+        y = self.act1(F.conv2d(x, self.w1, self.b1, g1.stride, g1.padding, g1.dilation))
+        y = self.act2(F.conv2d(y, self.wd, self.bd, gd.stride, gd.padding, gd.dilation, self.wd.shape[0]))
+        y = _scale(y, self._gate(0, x))
+        out = self.act3(F.conv2d(y, self.w3, self.b3, g3.stride, g3.padding, g3.dilation))
         return out.add_(x) if self.has_skip else out
 
 
@@ -450,12 +679,51 @@ def _strip_gate_hooks(block: nn.Module) -> None:
                 del hooks[key]
 
 
-def deploy_model(model: nn.Module) -> nn.Module:
-    """The batch-1 deployed form of a gated model (a copy; ``model`` is untouched).
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` into it, in place.
 
-    Every gated block is replaced by its deployed form (BN folded, convolutions
-    sliced per call to the channels its gates keep); the rest of the network
-    runs as it is. Eval mode, inference only, batch size 1.
+    The pairs are found on the model's ``torch.fx`` graph (deployed blocks are
+    leaves: they fold their own), so any traceable backbone is covered: the
+    stem, downsample branches, and a whole dense model. A model fx cannot
+    trace is returned as it is.
+    """
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+            return isinstance(module, _Deployed) or super().is_leaf_module(module, name)
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - fx raises many types; an untraceable model keeps its BatchNorms
+        return model
+    with torch.no_grad():
+        for node in graph.nodes:
+            if node.op != "call_module" or type(model.get_submodule(node.target)) is not nn.BatchNorm2d:
+                continue
+            source = node.args[0]
+            if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
+                continue
+            conv = model.get_submodule(source.target)
+            if type(conv) is not nn.Conv2d:
+                continue
+            weight, bias = _fold_bn(conv, model.get_submodule(node.target))
+            conv.weight = nn.Parameter(weight, requires_grad=False)
+            conv.bias = nn.Parameter(bias, requires_grad=False)
+            parent, _, child = node.target.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    return model
+
+
+def deploy_model(model: nn.Module, slice_cache_mb: float = DEFAULT_SLICE_CACHE_MB) -> nn.Module:
+    """The deployed form of a gated model (a copy; ``model`` is untouched).
+
+    Every gated block is replaced by its deployed form (:class:`_Deployed`:
+    BN folded, gathered or dense-then-mask), the remaining conv + BN pairs are
+    folded (:func:`fold_batchnorm`), and the blocks share one
+    :class:`SliceCache` capped at ``slice_cache_mb``. Eval mode, inference
+    only; outputs equal the masked model's. Every block starts on the gathered
+    path for batch-1 CPU calls; :func:`plan_deployment` measures the faster
+    path per block and :func:`compile_deployed` freezes what is static.
     """
     deployed = copy_model(model).eval()
     replace = [(name, module, _entry(module)) for name, module in deployed.named_modules()]
@@ -463,13 +731,170 @@ def deploy_model(model: nn.Module) -> nn.Module:
                if entry is not None and any(isinstance(c, ChannelGate) for c in module.children())]
     if not replace:
         raise UserError("deploy_model needs a gated model (insert_gates first)")
+    cache = SliceCache(int(slice_cache_mb * 2 ** 20))
     with torch.no_grad():
         for name, block, entry in replace:
             parent_name, _, child = name.rpartition(".")
             parent = deployed.get_submodule(parent_name) if parent_name else deployed
             _strip_gate_hooks(block)
-            setattr(parent, child, entry.deployed(block))
+            replacement = entry.deployed(block)
+            replacement.cache = cache
+            setattr(parent, child, replacement)
+    fold_batchnorm(deployed)
     return deployed.requires_grad_(False)
+
+
+def deployed_blocks(model: nn.Module) -> dict[str, _Deployed]:
+    """The deployed blocks of a deployed model, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _Deployed)}
+
+
+def slice_cache(model: nn.Module) -> SliceCache:
+    """The slice cache a deployed model's blocks share."""
+    blocks = list(deployed_blocks(model).values())
+    if not blocks:
+        raise UserError("not a deployed model (deploy_model first)")
+    return blocks[0].cache
+
+
+def set_slice_cache_limit(model: nn.Module, slice_cache_mb: float) -> None:
+    """Set the memory cap (MiB) of a deployed model's slice cache (emptied: entries refill on use)."""
+    cache = slice_cache(model)
+    if slice_cache_mb < 0:
+        raise UserError(f"the slice cache's memory cap must be >= 0 MiB, got {slice_cache_mb}")
+    cache.max_bytes = int(slice_cache_mb * 2 ** 20)
+    cache.clear()
+
+
+def cast_deployed(model: nn.Module, device=None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """``model.to(device, dtype)`` that keeps the gates in fp32 (thresholds must compare in fp32)."""
+    model.to(device=device, dtype=dtype)
+    for block in deployed_blocks(model).values():
+        block._fuse_gates()  # frozen constants neither move nor cast: fuse again, in fp32, where the block now is
+        block.cache.clear()  # slices of the old dtype / device
+    return model
+
+
+def _time_call(func: Callable, inputs: Sequence[torch.Tensor], repeats: int) -> float:
+    """Median over ``repeats`` of the mean time (ms) of ``func`` over ``inputs`` (each cloned: blocks
+    may overwrite their input), after one untimed pass."""
+    times = []
+    for r in range(repeats + 1):
+        clones = [x.clone() for x in inputs]
+        start = time.perf_counter()
+        for x in clones:
+            func(x)
+        if r:
+            times.append((time.perf_counter() - start) * 1000 / len(inputs))
+    return statistics.median(times)
+
+
+def trace_and_freeze(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """A static module (a dense path, a dense model) as frozen TorchScript for inputs shaped like
+    ``example``: BN folded, weights constant, no Python dispatch per op."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
+
+
+@torch.no_grad()
+def plan_deployment(model: nn.Module, inputs: Sequence[torch.Tensor], repeats: int = 5,
+                    freeze_dense: bool = True) -> dict[str, dict]:
+    """Choose, per deployed block, the faster of its gathered and dense-then-mask paths, in place.
+
+    Each block is timed on the inputs it receives when ``model`` runs
+    ``inputs`` (real instances, so its gates keep what they keep in use),
+    both ways, with this process's threads and dtype: the plan belongs to the
+    hardware profile it was measured on. With ``freeze_dense`` the dense path
+    is timed as :func:`compile_deployed` will run it (frozen TorchScript).
+    Off CPU, or for batches > 1, every block runs dense (no host
+    synchronisation). Returns ``{block name: {"path", "gathered_ms",
+    "dense_ms", "kept": [mean kept channels per gate]}}``.
+    """
+    blocks = deployed_blocks(model)
+    if not blocks:
+        raise UserError("plan_deployment needs a deployed model (deploy_model first)")
+    if not inputs:
+        raise UserError("plan_deployment needs at least one input")
+    seen: dict[str, list] = {name: [] for name in blocks}
+    handles = [block.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].clone()))
+               for name, block in blocks.items()]
+    try:
+        for block in blocks.values():
+            block.path = "dense"
+        for x in inputs:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    plan = {}
+    for name, block in blocks.items():
+        block_inputs = seen[name]
+        kept = _kept_counts(block, block_inputs)
+        if not (block_inputs[0].is_cpu and block_inputs[0].shape[0] == 1):
+            block.path = "dense"
+            plan[name] = {"path": "dense", "gathered_ms": None, "dense_ms": None, "kept": kept}
+            continue
+        dense = trace_and_freeze(_DensePath(block), block_inputs[0]) if freeze_dense else block.dense
+        gathered_ms = _time_call(block.gathered, block_inputs, repeats)
+        dense_ms = _time_call(dense, block_inputs, repeats)
+        block.path = "gathered" if gathered_ms < dense_ms else "dense"
+        plan[name] = {"path": block.path, "gathered_ms": gathered_ms, "dense_ms": dense_ms, "kept": kept}
+    return plan
+
+
+def _kept_counts(block: _Deployed, inputs: Sequence[torch.Tensor]) -> list[float]:
+    """Mean kept channels per gate of ``block`` over ``inputs`` (recorded with the plan)."""
+    per_call = []
+    for x in inputs:
+        block.recorded = []
+        try:
+            block.dense(x.clone())
+            per_call.append([float((mask != 0).sum(1).float().mean()) for mask in block.recorded])
+        finally:
+            block.recorded = None
+    return [statistics.mean(column) for column in zip(*per_call)]
+
+
+class _DensePath(nn.Module):
+    """A deployed block forced onto its dense path (what gets traced and frozen)."""
+
+    def __init__(self, block: _Deployed):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.dense(x)
+
+
+@torch.no_grad()
+def compile_deployed(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Freeze what is static in a planned deployed model, for inputs shaped like ``example``.
+
+    When every block runs dense (or the input is not batch-1 CPU) the whole
+    model is static: it is traced and frozen as one TorchScript graph, like
+    the optimized dense reference. Otherwise each dense-path block is frozen
+    in place and the gathered blocks stay eager (their shapes depend on the
+    data). Returns the model to run.
+    """
+    blocks = deployed_blocks(model)
+    gathered = example.is_cpu and example.shape[0] == 1 and any(b.path == "gathered" for b in blocks.values())
+    if not gathered:
+        return trace_and_freeze(model, example)
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [block.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0].clone()))
+               for name, block in blocks.items()]
+    try:
+        model(example.clone())
+    finally:
+        for h in handles:
+            h.remove()
+    for name, block in blocks.items():
+        if block.path == "dense":
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, trace_and_freeze(_DensePath(block), inputs[name]))
+    return model
 
 
 _BASIC = (GateSpec("gate1", "conv1", ("conv1",), ("conv2",), "act1"),

@@ -17,19 +17,25 @@ invented.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
 from manidp.errors import UserError
+from manidp.gating import (DEFAULT_SLICE_CACHE_MB, cast_deployed, compile_deployed, deployed_blocks, fold_batchnorm,
+                           plan_deployment, set_slice_cache_limit, slice_cache, trace_and_freeze)
 
-__all__ = ["measure_latency", "hardware_profile", "device_unavailable", "latency_report"]
+__all__ = ["measure_latency", "hardware_profile", "device_unavailable", "latency_report", "spread",
+           "optimized_dense", "prepare_deployed", "time_side_by_side", "InMemoryFormat", "MEMORY_FORMATS"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -43,13 +49,32 @@ def device_unavailable(device: str) -> Optional[str]:
     return None
 
 
+def _cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo``; ``platform.processor()`` is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _onednn_version() -> Optional[str]:
+    """oneDNN (MKL-DNN) version torch was built with, from ``torch.__config__.show()``."""
+    match = re.search(r"MKL-DNN v([\w.]+)", torch.__config__.show())
+    return match.group(1) if match else None
+
+
 def hardware_profile(device: str, threads: int, dtype: str, batch_size: int = 1) -> dict:
-    """The fields that say where and how a latency was measured."""
+    """The fields that say where and how a latency was measured: the settings and the hardware."""
     profile = {"device": device, "threads": threads, "dtype": dtype, "batch_size": batch_size,
-               "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
-               "cpu_count": os.cpu_count()}
+               "torch": torch.__version__, "machine": platform.machine(), "cpu_model": _cpu_model(),
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+               "onednn": _onednn_version() if torch.backends.mkldnn.is_available() else None}
     if device == "cuda":
         profile["gpu"] = torch.cuda.get_device_name()
+        profile["cuda"] = torch.version.cuda
     return profile
 
 
@@ -60,7 +85,9 @@ def measure_latency(models: Mapping[str, Callable], inputs: Sequence[torch.Tenso
 
     Each repeat runs every model once over all inputs, in an order that
     alternates between repeats (A B, B A, ...); ``warmup`` untimed repeats
-    come first. Take the median of each list.
+    come first. Take the median of each list. On CUDA the time comes from
+    CUDA events around each pass (one synchronisation per pass, none per
+    instance), so queued kernels are counted and host overhead overlaps them.
     """
     if not inputs:
         raise UserError("latency needs at least one input instance")
@@ -70,12 +97,16 @@ def measure_latency(models: Mapping[str, Callable], inputs: Sequence[torch.Tenso
 
     def run(model) -> float:
         if cuda:
-            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for x in inputs:
+                model(x)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / len(inputs)
         start = time.perf_counter()
         for x in inputs:
             model(x)
-        if cuda:
-            torch.cuda.synchronize()
         return (time.perf_counter() - start) * 1000 / len(inputs)
 
     for _ in range(warmup):
@@ -87,16 +118,120 @@ def measure_latency(models: Mapping[str, Callable], inputs: Sequence[torch.Tenso
     return times
 
 
-def _ratio_fields(times: dict[str, list[float]], dense: str = "dense", deployed: str = "deployed") -> dict:
-    dense_ms = statistics.median(times[dense])
-    deployed_ms = statistics.median(times[deployed])
-    return {"dense_ms": dense_ms, "deployed_ms": deployed_ms, "latency_ratio": deployed_ms / dense_ms,
-            "speedup": dense_ms / deployed_ms}
+def spread(values: Sequence[float]) -> dict:
+    """Median and spread of repeated timings: ``{"median", "p25", "p75", "min", "max"}`` (ms)."""
+    ordered = sorted(values)
+    q = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
+    return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2], "min": ordered[0], "max": ordered[-1]}
+
+
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+class InMemoryFormat(nn.Module):
+    """Runs ``model`` on its input converted to ``memory_format`` (inputs arrive NCHW; the copy is timed)."""
+
+    def __init__(self, model: Callable, memory_format: str):
+        super().__init__()
+        self.model = model
+        self.memory_format = memory_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=MEMORY_FORMATS[self.memory_format]))
+
+
+def optimized_dense(model: nn.Module, inputs: Sequence[torch.Tensor], repeats: int = 3) -> tuple[nn.Module, dict]:
+    """The honest dense reference: every optimization that is not channel skipping.
+
+    BN folded into the convolutions, then the fastest of {eager, frozen
+    TorchScript} x {NCHW, channels_last}, measured here side by side on
+    ``inputs``. Returns the reference (taking NCHW inputs) and
+    ``{"mode", "memory_format", "candidates_ms"}``; the deployed form is then
+    built in the same memory format and compile mode.
+    """
+    folded = fold_batchnorm(copy.deepcopy(model).eval().requires_grad_(False))
+    candidates = {}
+    for name, memory_format in MEMORY_FORMATS.items():
+        converted = copy.deepcopy(folded).to(memory_format=memory_format)
+        candidates[f"eager/{name}"] = InMemoryFormat(converted, name)
+        example = inputs[0].contiguous(memory_format=memory_format)
+        candidates[f"torchscript/{name}"] = InMemoryFormat(trace_and_freeze(converted, example), name)
+    times = measure_latency(candidates, inputs, warmup=1, repeats=repeats)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    best = min(medians, key=medians.get)
+    mode, memory_format = best.split("/")
+    return candidates[best], {"mode": mode, "memory_format": memory_format, "candidates_ms": medians}
+
+
+def prepare_deployed(deployed: nn.Module, inputs: Sequence[torch.Tensor], memory_format: str, mode: str,
+                     plan_instances: int = 4, plan_repeats: int = 5) -> tuple[nn.Module, dict]:
+    """A deployed model made ready for timing in the dense reference's memory format and compile mode.
+
+    :func:`~manidp.gating.plan_deployment` picks each block's path on the
+    first ``plan_instances`` inputs; with ``mode == "torchscript"`` the static
+    parts are frozen (:func:`~manidp.gating.compile_deployed`), as the dense
+    reference was. Returns the model to time (taking NCHW inputs) and
+    ``{"plan", "cache"}`` (the slice cache the timed calls use).
+    """
+    deployed.to(memory_format=MEMORY_FORMATS[memory_format])
+    converted = [x.contiguous(memory_format=MEMORY_FORMATS[memory_format]) for x in inputs]
+    plan = plan_deployment(deployed, converted[:plan_instances], plan_repeats, freeze_dense=mode == "torchscript")
+    cache = slice_cache(deployed)
+    runnable = compile_deployed(deployed, converted[0]) if mode == "torchscript" else deployed
+    return InMemoryFormat(runnable, memory_format), {"plan": plan, "cache": cache}
+
+
+def _plan_summary(plan: dict) -> dict:
+    paths = [entry["path"] for entry in plan.values()]
+    return {"gathered": paths.count("gathered"), "dense": paths.count("dense")}
+
+
+def time_side_by_side(dense_eager: nn.Module, deployed: nn.Module, batches: Sequence[torch.Tensor],
+                      reference: torch.Tensor, warmup: int, repeats: int) -> dict:
+    """Time the eager dense model, the optimized dense reference and the deployed form side by side.
+
+    A deployed form with gated blocks is made ready first
+    (:func:`prepare_deployed`, in the reference's memory format and compile
+    mode); a static method's model is timed as it is. ``reference``: the
+    outputs the deployed form must reproduce (the masked model's, fp32).
+    Returns the latency fields every report shares: times (ms, medians and
+    spreads), ratios against the optimized dense reference and against eager
+    dense, the dispatch plan and slice-cache counters (dynamic methods), and
+    the deployed outputs' relative error.
+    """
+    dense, dense_info = optimized_dense(dense_eager, batches)
+    fields: dict = {"dense_reference": dense_info}
+    runnable, cache = deployed, None
+    if deployed_blocks(deployed):
+        runnable, info = prepare_deployed(deployed, batches, dense_info["memory_format"], dense_info["mode"])
+        cache = info["cache"]
+        fields.update(dispatch_plan=info["plan"], dispatch_summary=_plan_summary(info["plan"]))
+    with torch.inference_mode():
+        out = torch.cat([runnable(x.clone()) for x in batches]).float()
+    fields["deployed_max_rel_error"] = float((out - reference).abs().max() / reference.abs().max().clamp(min=1e-12))
+    if cache is not None:
+        cache.reset_counts()
+    times = measure_latency({"dense_eager": dense_eager, "dense": dense, "deployed": runnable}, batches, warmup,
+                            repeats)
+    if cache is not None:
+        fields["slice_cache"] = cache.stats()
+    stats = {name: spread(t) for name, t in times.items()}
+    dense_ms, eager_ms, deployed_ms = (stats[n]["median"] for n in ("dense", "dense_eager", "deployed"))
+    return {
+        "dense_ms": dense_ms, "dense_eager_ms": eager_ms, "deployed_ms": deployed_ms,
+        "latency_ratio": deployed_ms / dense_ms, "speedup": dense_ms / deployed_ms,
+        "latency_ratio_vs_eager": deployed_ms / eager_ms, "speedup_vs_eager": eager_ms / deployed_ms,
+        "dense_ms_spread": stats["dense"], "dense_eager_ms_spread": stats["dense_eager"],
+        "deployed_ms_spread": stats["deployed"], **fields,
+        "dense_ms_repeats": times["dense"], "dense_eager_ms_repeats": times["dense_eager"],
+        "deployed_ms_repeats": times["deployed"],
+    }
 
 
 def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[int] = None, batch_size: int = 1,
                    dtype: str = "fp32", instances: int = 32, repeats: int = 10, warmup: int = 3,
-                   dense_run: Optional[str | Path] = None) -> dict:
+                   dense_run: Optional[str | Path] = None,
+                   slice_cache_mb: float = DEFAULT_SLICE_CACHE_MB) -> dict:
     """Time a run's deployed model against the dense backbone; return the report (see module doc)."""
     reason = device_unavailable(device)
     if reason:
@@ -105,6 +240,8 @@ def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[i
         raise UserError(f"unknown dtype '{dtype}'; valid dtypes: {', '.join(DTYPES)}")
     if batch_size < 1 or instances < 1 or repeats < 1 or warmup < 0:
         raise UserError("--batch-size, --instances and --repeats must be >= 1, --warmup >= 0")
+    if slice_cache_mb < 0:
+        raise UserError(f"--slice-cache-mb must be >= 0, got {slice_cache_mb}")
     if threads:
         torch.set_num_threads(threads)
     from manidp.data import build_dataset
@@ -113,9 +250,6 @@ def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[i
     from manidp.models import build_backbone
 
     model, method, cfg, saved = load_model(run_dir, device)
-    if method.dynamic and batch_size != 1:
-        raise UserError(f"'{method.name}' is dynamic: its deployed form runs batch size 1 (got --batch-size "
-                        f"{batch_size})")
     splits = build_dataset(cfg["dataset"], cfg["data"], seed=cfg["seed"])
     count = min(instances, len(splits.test))
     images = torch.stack([splits.test[i][0] for i in range(count)]).to(device)
@@ -125,7 +259,6 @@ def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[i
         counter = InstanceMacs(model, splits.input_size, device)
         macs = method.instance_macs(model, counter, count)
         reference = model(images).float()
-    deployed = method.deploy(model).to(device=device, dtype=DTYPES[dtype]).eval()
     if dense_run:
         dense = load_model(dense_run, device)[0]
         dense_source = str(dense_run)
@@ -133,23 +266,25 @@ def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[i
         dense = build_backbone(cfg["backbone"], saved["num_classes"], saved["input_size"][0])
         dense_source = "same architecture, fresh weights"
     dense = dense.to(device=device, dtype=DTYPES[dtype]).eval()
-
     batches = [images[i:i + batch_size].to(DTYPES[dtype]) for i in range(0, count, batch_size)]
-    with torch.inference_mode():
-        out = torch.cat([deployed(x) for x in batches]).float()
-    max_rel_error = float((out - reference).abs().max() / reference.abs().max().clamp(min=1e-12))
-    times = measure_latency({"dense": dense, "deployed": deployed}, batches, warmup, repeats)
-    return {
-        "status": "ok", "run": str(run_dir), "method": cfg["method"], "backbone": cfg["backbone"],
-        "dataset": cfg["dataset"], "dense_source": dense_source, "instances": count,
-        **_ratio_fields(times),
+    report = {"status": "ok", "run": str(run_dir), "method": cfg["method"], "backbone": cfg["backbone"],
+              "dataset": cfg["dataset"], "dense_source": dense_source, "instances": count}
+    deployed = method.deploy(model).eval()
+    if deployed_blocks(deployed):
+        set_slice_cache_limit(deployed, slice_cache_mb)
+        cast_deployed(deployed, device, DTYPES[dtype])
+    else:
+        deployed.to(device=device, dtype=DTYPES[dtype])
+    report.update(time_side_by_side(dense, deployed, batches, reference, warmup, repeats))
+    if dtype != "fp32":
+        report["deployed_max_rel_error"] = None
+    report.update({
         "macs_ratio": float(macs.mean()) / saved["dense_macs"],
         "macs_mean": float(macs.mean()), "macs_dense": saved["dense_macs"],
-        "deployed_max_rel_error": max_rel_error if dtype == "fp32" else None,
         "repeats": repeats, "warmup": warmup,
-        "dense_ms_repeats": times["dense"], "deployed_ms_repeats": times["deployed"],
         "profile": hardware_profile(device, torch.get_num_threads(), dtype, batch_size),
-    }
+    })
+    return report
 
 
 def _add_arguments(p) -> None:
@@ -162,12 +297,14 @@ def _add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dense", help="dense run folder whose weights the dense model uses")
+    p.add_argument("--slice-cache-mb", type=float, default=DEFAULT_SLICE_CACHE_MB,
+                   help=f"memory cap of the deployed form's weight-slice cache (default {DEFAULT_SLICE_CACHE_MB:g})")
     p.add_argument("--out", help="JSON file to write (default: print only)")
 
 
 def _run(args) -> int:
     report = latency_report(args.run_dir, args.device, args.threads, args.batch_size, args.dtype, args.instances,
-                            args.repeats, args.warmup, args.dense)
+                            args.repeats, args.warmup, args.dense, args.slice_cache_mb)
     text = json.dumps(report, indent=2)
     if args.out:
         out = Path(args.out)

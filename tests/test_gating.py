@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 from manidp.errors import UserError
-from manidp.gating import ChannelGate, deploy_model, gated_layers, insert_gates, kept_channels
+from manidp.gating import (ChannelGate, SliceCache, cast_deployed, compile_deployed, deploy_model, deployed_blocks,
+                           fold_batchnorm, gated_layers, insert_gates, kept_channels, plan_deployment, slice_cache)
 from manidp.macs import InstanceMacs
 from manidp.models import build_backbone
 
@@ -78,21 +79,120 @@ def test_gates_sit_where_the_reference_puts_them(name):
     assert not unexpected and all(".gate" in k for k in missing)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_deployed_form_equals_masked_model(name):
+def _masked_and_deployed(name: str, batch: int = 4):
     model, gates = _gated(name)
-    input_size, _ = FAMILIES[name]
-    x = torch.randn(4, *input_size)
+    x = torch.randn(batch, *FAMILIES[name][0])
     _set_thresholds_between(model, gates, x)
     with torch.no_grad():
         masked = model(x)
         kept = torch.stack([(g.mask != 0).float().mean() for g in gates])
-        deployed = deploy_model(model)
-        out = torch.cat([deployed(x[i:i + 1].clone()) for i in range(len(x))])
     assert 0.2 < kept.mean() < 0.8  # a real mix of kept and skipped channels
-    assert (out - masked).abs().max() / masked.abs().max() <= 1e-4
+    return model, x, masked, deploy_model(model)
+
+
+def _rel_error(out: torch.Tensor, masked: torch.Tensor) -> float:
+    return float((out - masked).abs().max() / masked.abs().max())
+
+
+@pytest.mark.parametrize("path", ["gathered", "dense"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_deployed_form_equals_masked_model(name, path):
+    model, x, masked, deployed = _masked_and_deployed(name)
+    for block in deployed_blocks(deployed).values():
+        block.path = path
+    with torch.no_grad():
+        out = torch.cat([deployed(x[i:i + 1].clone()) for i in range(len(x))])
+    assert _rel_error(out, masked) <= 1e-4
     assert not any(isinstance(m, ChannelGate) for m in deployed.modules())
+    assert not any(type(m) is nn.BatchNorm2d for m in deployed.modules())  # every plain BN folded
     assert any(isinstance(m, ChannelGate) for m in model.modules())  # the gated model is untouched
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "resnet50"])
+def test_deployed_form_runs_batches_dense_then_mask(name):
+    _, x, masked, deployed = _masked_and_deployed(name)
+    with torch.no_grad():
+        out = deployed(x.clone())
+    assert _rel_error(out, masked) <= 1e-4
+
+
+def test_deployed_form_in_channels_last_equals_masked_model():
+    _, x, masked, deployed = _masked_and_deployed("resnet18")
+    deployed.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = torch.cat([deployed(x[i:i + 1].contiguous(memory_format=torch.channels_last)) for i in range(len(x))])
+    assert _rel_error(out, masked) <= 1e-4
+
+
+def test_plan_is_recorded_and_the_compiled_form_equals_the_masked_model():
+    model, x, masked, deployed = _masked_and_deployed("cifar_resnet20")
+    singles = [x[i:i + 1] for i in range(len(x))]
+    plan = plan_deployment(deployed, singles[:2], repeats=1)
+    assert set(plan) == set(deployed_blocks(deployed))
+    for name, entry in plan.items():
+        assert entry["path"] in ("gathered", "dense") and entry["path"] == deployed_blocks(deployed)[name].path
+        assert entry["gathered_ms"] > 0 and entry["dense_ms"] > 0 and len(entry["kept"]) == 2
+    # a mixed plan: the dense blocks are frozen in place, the gathered ones stay eager
+    for i, block in enumerate(deployed_blocks(deployed).values()):
+        block.path = ("gathered", "dense")[i % 2]
+    mixed = compile_deployed(deployed, singles[0])
+    with torch.no_grad():
+        out = torch.cat([mixed(s.clone()) for s in singles])
+    assert _rel_error(out, masked) <= 1e-4
+    deployed = deploy_model(model)
+    for block in deployed_blocks(deployed).values():
+        block.path = "dense"
+    whole = compile_deployed(deployed, x)  # every block dense: one frozen graph, any batch shaped like x
+    assert isinstance(whole, torch.jit.ScriptModule)
+    with torch.no_grad():
+        assert _rel_error(whole(x.clone()), masked) <= 1e-4
+
+
+def test_slice_cache_hits_repeated_sets_and_stays_under_its_cap():
+    _, x, masked, deployed = _masked_and_deployed("resnet18")
+    cache = slice_cache(deployed)
+    with torch.no_grad():
+        for _ in range(2):
+            out = torch.cat([deployed(x[i:i + 1].clone()) for i in range(len(x))])
+    assert cache.hits > 0 and cache.hits + cache.misses > 0 and cache.stats()["hit_rate"] > 0.4
+    assert _rel_error(out, masked) <= 1e-4
+    small = SliceCache(max_bytes=cache.bytes // 4)
+    for block in deployed_blocks(deployed).values():
+        block.cache = small
+    with torch.no_grad():
+        out = torch.cat([deployed(x[i:i + 1].clone()) for i in range(len(x))])
+    assert 0 < small.bytes <= small.max_bytes and small.evictions > 0
+    assert _rel_error(out, masked) <= 1e-4  # evicted slices are rebuilt, outputs unchanged
+
+
+def test_slice_cache_refuses_a_negative_cap():
+    with pytest.raises(UserError, match=">= 0"):
+        SliceCache(-1)
+
+
+def test_cast_to_bf16_keeps_gates_and_thresholds_in_fp32():
+    _, x, masked, deployed = _masked_and_deployed("cifar_resnet20")
+    cast_deployed(deployed, dtype=torch.bfloat16)
+    for block in deployed_blocks(deployed).values():
+        assert block.w1.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for g in (block.gate1, block.gate2) for p in g.parameters())
+    with torch.no_grad():
+        out = deployed(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and _rel_error(out.float(), masked) < 0.1
+
+
+def test_fold_batchnorm_keeps_a_dense_model_s_outputs():
+    torch.manual_seed(0)
+    model = build_backbone("resnet18", 10, 3)
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 64, 64))
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        folded = fold_batchnorm(model)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        assert _rel_error(folded(x), expected) <= 1e-4
 
 
 def test_deployed_form_handles_gates_that_skip_everything():
@@ -106,12 +206,6 @@ def test_deployed_form_handles_gates_that_skip_everything():
         deployed = deploy_model(model)
         out = torch.cat([deployed(x[i:i + 1].clone()) for i in range(2)])
     assert (out - masked).abs().max() / masked.abs().max() <= 1e-4
-
-
-def test_deployed_form_runs_batch_one_only():
-    model, _ = _gated("cifar_resnet20")
-    with pytest.raises(ValueError, match="batch size 1"):
-        deploy_model(model)(torch.randn(2, 3, 32, 32))
 
 
 def _brute_force_macs(model, gates, x) -> torch.Tensor:

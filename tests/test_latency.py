@@ -39,7 +39,24 @@ def test_latency_subcommand_writes_its_report(gated_run, dense_run, tmp_path, ca
     assert report["deployed_max_rel_error"] <= 1e-4
     assert report["profile"]["device"] == "cpu" and report["profile"]["threads"] == 1
     assert report["profile"]["batch_size"] == 1 and report["instances"] == 4
+    for key in ("cpu_model", "cpu_capability", "cpu_count", "torch", "onednn"):
+        assert key in report["profile"]
+    assert report["profile"]["cpu_model"]
     assert len(report["dense_ms_repeats"]) == 3
+    # both dense references, medians with their spread
+    assert report["dense_eager_ms"] > 0
+    assert report["latency_ratio_vs_eager"] == pytest.approx(report["deployed_ms"] / report["dense_eager_ms"])
+    for name in ("dense", "dense_eager", "deployed"):
+        spread = report[f"{name}_ms_spread"]
+        assert spread["min"] <= spread["p25"] <= spread["median"] <= spread["p75"] <= spread["max"]
+        assert spread["median"] == report[f"{name}_ms"]
+    assert report["dense_reference"]["mode"] in ("eager", "torchscript")
+    assert report["dense_reference"]["memory_format"] in ("contiguous", "channels_last")
+    # the dispatch plan and the slice cache
+    assert report["dispatch_plan"] and all(e["path"] in ("gathered", "dense") for e in report["dispatch_plan"].values())
+    assert sum(report["dispatch_summary"].values()) == len(report["dispatch_plan"])
+    cache = report["slice_cache"]
+    assert cache["bytes"] <= cache["max_bytes"] and cache["hits"] + cache["misses"] >= 0
     assert json.loads(capsys.readouterr().out)["status"] == "ok"
 
 
@@ -52,9 +69,19 @@ def test_missing_device_is_reported_not_invented(gated_run, tmp_path):
     assert "deployed_ms" not in report
 
 
-def test_dynamic_deployed_form_refuses_batches(gated_run, capsys):
-    assert main(["latency", str(gated_run), "--batch-size", "4", "--instances", "4"]) == 2
-    assert "batch size 1" in capsys.readouterr().err
+def test_dynamic_deployed_form_runs_batches(gated_run, tmp_path):
+    out = tmp_path / "batch.json"
+    assert main(["latency", str(gated_run), "--batch-size", "4", "--instances", "8", "--repeats", "1",
+                 "--warmup", "0", "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["status"] == "ok" and report["profile"]["batch_size"] == 4
+    assert report["deployed_max_rel_error"] <= 1e-4
+    assert set(e["path"] for e in report["dispatch_plan"].values()) == {"dense"}  # batches run dense-then-mask
+
+
+def test_negative_slice_cache_cap_is_a_user_error(gated_run, capsys):
+    assert main(["latency", str(gated_run), "--slice-cache-mb", "-1"]) == 2
+    assert "--slice-cache-mb" in capsys.readouterr().err
 
 
 def test_missing_run_is_a_user_error(tmp_path, capsys):
