@@ -319,17 +319,25 @@ def ablation_inputs(wildcards) -> dict:
 
 
 def dataset_targets(wildcards) -> list[str]:
-    """Everything one dataset's results consist of: tables, plots, MLflow summary, and every trained model.
-
-    The models are listed because Snakemake takes a deleted file that only
-    feeds up-to-date results for an intermediate it need not rebuild; listed,
-    a deleted model.pt is retrained, with everything built on it.
-    """
+    """Everything one dataset's results consist of: tables, plots, MLflow summary, and every trained model."""
     ds = wildcards.dataset
     targets = [f"results/{ds}_table.{ext}" for ext in ("csv", "md", "tex")] + [f"results/{ds}_per_seed.csv"]
     targets += [f"results/{ds}_{plot}.png" for plot in ("pareto", "macs_vs_difficulty", "speedup")]
     targets += [f"{run}/model.pt" for run in all_run_dirs(ds)]
     return targets + [f"results/tracking/{ds}/summary_run.txt"]
+
+
+def default_targets() -> list[str]:
+    """The default targets: each default dataset's target and, listed again as targets, its models.
+
+    A model only an up-to-date file consumes is an intermediate Snakemake need
+    not rebuild once deleted; as a target it is retrained, with everything
+    built on it.
+    """
+    targets = []
+    for ds in config["default_datasets"]:
+        targets += [f"results/{ds}_all.txt"] + [f"{run}/model.pt" for run in all_run_dirs(ds)]
+    return targets
 
 
 # ----------------------------------------------------------------- the recipe sweep
