@@ -75,6 +75,7 @@ class FBS(Method):
     default_options = {
         "l1_weight": 1.0e-8,  # lambda of the L1 penalty on the saliencies (the paper's value)
         "density": None,  # d; null = chosen from the budget
+        "round_to": None,  # kept counts rounded to this multiple (8/16: oneDNN's SIMD block); manidp.gating
     }
 
     def __init__(self, options: Optional[dict] = None, budget: Optional[float] = None):
@@ -107,7 +108,7 @@ class FBS(Method):
         return min((candidates[lo], candidates[hi]), key=lambda d: abs(reduction_of(d) - self.budget))
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        self.gates = insert_gates(model, SaliencyPredictor)
+        self.gates = insert_gates(model, SaliencyPredictor, round_to=self.options["round_to"])
         density = self.options["density"]
         if density is None:
             counter = InstanceMacs(model, ctx.input_size)

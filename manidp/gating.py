@@ -86,9 +86,10 @@ from manidp.models.cifar_resnet import CifarBasicBlock
 
 __all__ = [
     "GateFactory", "GateSpec", "ChannelGate", "BLOCKS", "register_gated_block", "insert_gates",
-    "gated_layers", "kept_channels", "copy_model", "deploy_model", "plan_deployment", "compile_deployed",
-    "fold_batchnorm", "trace_and_freeze", "deployed_blocks", "slice_cache", "set_slice_cache_limit", "cast_deployed",
-    "SliceCache", "DEFAULT_SLICE_CACHE_MB", "DeployedBasicBlock", "DeployedBottleneck", "DeployedInvertedResidual",
+    "gated_layers", "kept_channels", "round_kept", "copy_model", "deploy_model", "plan_deployment",
+    "compile_deployed", "fold_batchnorm", "trace_and_freeze", "deployed_blocks", "slice_cache",
+    "set_slice_cache_limit", "cast_deployed", "SliceCache", "DEFAULT_SLICE_CACHE_MB", "DeployedBasicBlock",
+    "DeployedBottleneck", "DeployedInvertedResidual",
 ]
 
 GateFactory = Callable[[int, int], nn.Module]
@@ -119,13 +120,14 @@ class ChannelGate(nn.Module):
     """
 
     def __init__(self, gate: nn.Module, in_channels: int, out_channels: int,
-                 conv_names: Sequence[str], consumer_names: Sequence[str]):
+                 conv_names: Sequence[str], consumer_names: Sequence[str], round_to: Optional[int] = None):
         super().__init__()
         self.gate = gate
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.conv_names = tuple(conv_names)
         self.consumer_names = tuple(consumer_names)
+        self.round_to = round_to
         self.mask: Optional[torch.Tensor] = None
         self.features: Optional[torch.Tensor] = None
 
@@ -135,7 +137,7 @@ class ChannelGate(nn.Module):
         if mask.shape != (args[0].shape[0], self.out_channels):
             raise RuntimeError(f"gate returned a mask of shape {tuple(mask.shape)}, expected "
                                f"({args[0].shape[0]}, {self.out_channels}) for {self.conv_names[0]}")
-        self.mask = mask
+        self.mask = round_kept(mask, self.gate.saliency, self.round_to) if self.round_to else mask
 
     def apply_mask(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """Forward hook at the masking point: record pooled features, multiply by the mask."""
@@ -145,6 +147,41 @@ class ChannelGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels} -> {self.out_channels}, gates {', '.join(self.conv_names)}"
+
+
+def round_kept(mask: torch.Tensor, saliency: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Round each instance's kept-channel count to the nearest multiple of ``multiple`` (halves up).
+
+    oneDNN's CPU kernels block channels by 8 (AVX2) or 16 (AVX-512): 36 kept
+    channels cost about what 48 do, so rounding lets the deployed form pay
+    only for what it computes. Kept channels rank first (by mask value), then
+    the skipped ones by pre-threshold ``saliency``; rounding up adds the most
+    salient skipped channels with their saliency as scale (one whose saliency
+    is 0 stays skipped), rounding down drops the weakest kept ones. An
+    instance that keeps nothing keeps nothing.
+    """
+    kept = mask != 0
+    count = kept.sum(1, keepdim=True)
+    target = ((count + multiple // 2) // multiple * multiple).clamp(max=mask.shape[1])
+    target = torch.where(count > 0, target.clamp(min=multiple), count)
+    saliency = saliency.detach().to(mask.dtype)
+    score = saliency + kept.to(mask.dtype) * (saliency.abs().amax(1, keepdim=True) + mask.detach().abs() + 1)
+    rank = score.argsort(1, descending=True).argsort(1)
+    keep = rank < target
+    return torch.where(keep, torch.where(kept, mask, saliency), torch.zeros_like(mask))
+
+
+class _RoundedGate(nn.Module):
+    """A method's gate followed by :func:`round_kept` (the deployed form's copy of a rounding gate)."""
+
+    def __init__(self, gate: nn.Module, multiple: int):
+        super().__init__()
+        self.gate = gate
+        self.multiple = multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.gate(x)
+        return round_kept(mask, self.gate.saliency, self.multiple)
 
 
 @dataclass(frozen=True)
@@ -169,8 +206,15 @@ def _entry(module: nn.Module) -> Optional[_BlockEntry]:
     return None
 
 
-def insert_gates(model: nn.Module, gate_factory: GateFactory) -> list[ChannelGate]:
-    """Insert gates into every supported block of ``model`` in place; return them in forward order."""
+def insert_gates(model: nn.Module, gate_factory: GateFactory, round_to: Optional[int] = None) -> list[ChannelGate]:
+    """Insert gates into every supported block of ``model`` in place; return them in forward order.
+
+    ``round_to`` (e.g. 8 or 16): every mask's kept count is rounded to that
+    multiple (:func:`round_kept`), in training, evaluation and the deployed
+    form alike; the gates must keep their pre-threshold scores in ``.saliency``.
+    """
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise UserError(f"round_to must be a positive integer (e.g. 8 or 16) or null, got {round_to!r}")
     blocks = [(name, module, _entry(module)) for name, module in model.named_modules()]
     blocks = [(name, module, entry) for name, module, entry in blocks if entry is not None]
     if not blocks:
@@ -187,8 +231,11 @@ def insert_gates(model: nn.Module, gate_factory: GateFactory) -> list[ChannelGat
             site = ChannelGate(
                 gate_factory(reads.in_channels, getattr(block, spec.gated[0]).out_channels),
                 reads.in_channels, getattr(block, spec.gated[0]).out_channels,
-                [prefix + c for c in spec.gated], [prefix + c for c in spec.consumers],
+                [prefix + c for c in spec.gated], [prefix + c for c in spec.consumers], round_to,
             ).to(reads.weight.device)
+            if round_to and not hasattr(site.gate, "saliency"):
+                raise UserError(f"round_to needs gates that keep their pre-threshold scores in .saliency; "
+                                f"{type(site.gate).__name__} does not")
             block.add_module(spec.attr, site)
             reads.register_forward_pre_hook(site.read_input)
             getattr(block, spec.apply_at).register_forward_hook(site.apply_mask)
@@ -440,7 +487,8 @@ class _Deployed(nn.Module):
         forms (:func:`_fuse_gate`, for eager calls). The fused ones are plain attributes, not
         submodules: TorchScript cannot trace a module that holds frozen modules."""
         for i, site in enumerate(gates, 1):
-            self.add_module(f"gate{i}", copy_model(site.gate).eval().float())
+            gate = copy_model(site.gate).eval().float()
+            self.add_module(f"gate{i}", _RoundedGate(gate, site.round_to) if site.round_to else gate)
         self.gate_channels = [site.in_channels for site in gates]
         self._fuse_gates()
 

@@ -303,3 +303,32 @@ def test_gate_with_a_wrong_mask_shape_is_reported():
     insert_gates(model, Broken)
     with pytest.raises(RuntimeError, match="mask of shape"):
         model(torch.randn(1, 3, 32, 32))
+
+
+def test_round_to_rounds_kept_counts_and_the_deployed_form_follows():
+    torch.manual_seed(0)
+
+    class ScoredGate(PooledGate):  # keeps its pre-threshold scores, as ManiDP's and FBS's gates do
+        saliency = None
+
+        def forward(self, x):
+            self.saliency = 0.5 + torch.sigmoid(self.fc(x.mean((2, 3))))
+            return self.saliency.masked_fill(self.saliency < self.threshold, 0.0)
+
+    model = build_backbone("resnet18", 10, 3).eval()
+    gates = insert_gates(model, ScoredGate, round_to=8)
+    x = torch.randn(3, 3, 64, 64)
+    _set_thresholds_between(model, gates, x, quantile=0.45)
+    with torch.no_grad():
+        masked = model(x)
+        counts = torch.stack([(g.mask != 0).sum(1) for g in gates])
+        out = torch.cat([deploy_model(model)(x[i:i + 1].clone()) for i in range(len(x))])
+    assert bool((counts % 8 == 0).all()) and bool((counts > 0).all())
+    assert _rel_error(out, masked) <= 1e-4
+
+
+def test_round_to_is_validated():
+    with pytest.raises(UserError, match="round_to"):
+        insert_gates(build_backbone("cifar_resnet20", 10, 3), PooledGate, round_to=0)
+    with pytest.raises(UserError, match="saliency"):
+        insert_gates(build_backbone("cifar_resnet20", 10, 3), PooledGate, round_to=8)

@@ -236,6 +236,7 @@ class ManiDP(Method):
         "grad_clip": 5.0,
         "calibrate": True,
         "freeze_epochs": 0,
+        "round_to": None,  # kept counts rounded to this multiple (8/16: oneDNN's SIMD block); manidp.gating
     }
     threshold_rules = ("quantile", "mean_rank")
     #: Calibration stops when the validation reduction is this close to the budget.
@@ -274,7 +275,7 @@ class ManiDP(Method):
     # -- building -----------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self._base_lr = ctx.config["train"]["lr"]
-        self.gates = insert_gates(model, SaliencyGate)
+        self.gates = insert_gates(model, SaliencyGate, round_to=self.options["round_to"])
         if self.keep_rate_target is None:
             self.keep_rate_target = self._keep_rate_for_budget(model, ctx)
         return model
