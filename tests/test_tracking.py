@@ -1,17 +1,24 @@
-"""MLflow tracking: the default sqlite store, a real `mlflow server`, an unreachable store."""
+"""MLflow tracking: one run per result identity, the sqlite store under parallel first use, a real
+`mlflow server`, an unreachable store (marker, import, summary), runs that die, the summary run."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 
-from conftest import small_run_config
-from manidp.engine import train
-from manidp.tracking import import_run, init_store
+from conftest import manidp_cli, small_run_config
+from manidp import tracking
+from manidp.engine import TrainingDiverged, train
+from manidp.errors import UserError
+from manidp.tracking import PENDING_FILE, import_run, init_store, log_summary
 
 
 def _free_port() -> int:
@@ -20,22 +27,163 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _runs(uri: str, experiment: str):
+def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    return MlflowClient(uri)
+
+
+def _runs(uri: str, experiment: str = "digits-c"):
+    """The experiment's active runs (deleted, i.e. replaced, runs are not counted)."""
+    client = _client(uri)
     return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
 
 
-def test_sqlite_store_receives_params_metrics_and_tags(tmp_path, data_cache):
-    uri = init_store(f"sqlite:///{tmp_path / 'mlflow.db'}", ("digits-c",))
-    cfg = small_run_config(tmp_path / "run", data_cache, **{"train.epochs": 1, "tracking.enabled": True,
-                                                             "tracking.uri": uri})
-    train(cfg)
+def _steps(uri: str, run_id: str, key: str) -> list[int]:
+    return [m.step for m in sorted(_client(uri).get_metric_history(run_id, key), key=lambda m: m.timestamp)]
+
+
+def _tracked(out, cache, uri, **overrides) -> dict:
+    """A one-epoch run on a few images, tracked to ``uri``."""
+    return small_run_config(out, cache, **{"train.epochs": 1, "train.batch_size": 32, "data.max_train": 64,
+                                           "data.max_eval": 32, "tracking.enabled": True, "tracking.uri": uri,
+                                           **overrides})
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """One migrated sqlite store; tests copy it (creating a store runs MLflow's migrations, seconds each)."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    init_store(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, store_template) -> str:
+    shutil.copy(store_template, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_sqlite_store_receives_params_metrics_and_tags(tmp_path, data_cache, store):
+    uri = init_store(store, ("digits-c",))
+    train(_tracked(tmp_path / "run", data_cache, uri, **{"train.epochs": 2}))
     (run,) = _runs(uri, "digits-c")
-    assert run.data.params["train.epochs"] == "1" and run.data.params["method"] == "dense"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["method"] == "dense"
     assert {"test_top1", "macs", "train_loss", "val_top1"} <= set(run.data.metrics)
     assert run.data.tags["backbone"] == "cifar_resnet20" and run.data.tags["seed"] == "0"
+    assert run.data.tags["manidp.identity"].startswith("digits-c/cifar_resnet20/dense/bnone/seed0/")
+    assert run.data.tags["version.torch"] and run.data.tags["version.manidp"]
+    if (Path(tracking.__file__).parents[1] / ".git").exists():
+        assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    experiment = _client(uri).get_experiment_by_name("digits-c")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # Histories read forward: per-epoch values at steps 0, 1, the final value after them.
+    assert _steps(uri, run.info.run_id, "val_top1") == [0, 1, 2]
+    assert _steps(uri, run.info.run_id, "test_top1") == [2]
+
+
+def _parallel_train(out, cache, uri, seed: int) -> list[str]:
+    return manidp_cli("train", "--out", str(out), "--seed", str(seed), "--epochs", "1", "--threads", "1",
+                      "--set", "train.batch_size=32", "--set", "data.max_train=64", "--set", "data.max_eval=32",
+                      "--set", f"data.cache_dir={cache}", "--set", "runtime.progress=log",
+                      "--set", f"tracking.uri={uri}")
+
+
+def test_parallel_first_use_of_a_fresh_store_records_every_run(tmp_path, data_cache):
+    """Four runs start at once on a store nobody created: each is recorded, and MLflow prints no INFO lines."""
+    from manidp.data import build_dataset
+
+    build_dataset("digits-c", {"cache_dir": str(data_cache)})  # the runs share a ready data cache
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    outs = [tmp_path / f"seed{seed}" for seed in range(4)]
+    procs = [subprocess.Popen(_parallel_train(out, data_cache, uri, seed), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for seed, out in enumerate(outs)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, stderr) in zip(procs, results):
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "INFO" not in stderr and "NOT in the MLflow store" not in stderr, stderr[-3000:]
+    runs = _runs(uri)
+    assert sorted(r.data.tags["seed"] for r in runs) == ["0", "1", "2", "3"]
+    assert all(r.info.status == "FINISHED" and "test_top1" in r.data.metrics for r in runs)
+    assert not any((out / PENDING_FILE).exists() for out in outs)
+
+
+def test_import_twice_leaves_one_run(dense_run, store):
+    uri = store
+    first = import_run(dense_run, uri)
+    second = import_run(dense_run, uri)
+    (run,) = _runs(uri)
+    assert run.info.run_id == second and run.info.status == "FINISHED"
+    assert first != second and _client(uri).get_run(first).info.lifecycle_stage == "deleted"
+    epochs = len((dense_run / "history.jsonl").read_text().splitlines())
+    assert _steps(uri, second, "train_loss") == list(range(epochs))  # one history, not two
+    assert _steps(uri, second, "val_top1") == list(range(epochs + 1))
+
+
+def test_restarted_run_replaces_a_stale_run_with_a_clean_history(tmp_path, data_cache, store):
+    """A result trained again from scratch (its folder gone) keeps one run; a run left RUNNING is closed as KILLED."""
+    uri = store
+    out = tmp_path / "run"
+    train(_tracked(out, data_cache, uri))
+    (old,) = _runs(uri)
+    _client(uri).update_run(old.info.run_id, status="RUNNING")  # as a kill -9 leaves it
+    shutil.rmtree(out)  # what the workflow does to a job that has no checkpoint
+    train(_tracked(out, data_cache, uri))
+    (new,) = _runs(uri)
+    assert new.info.run_id != old.info.run_id and new.info.status == "FINISHED"
+    stale = _client(uri).get_run(old.info.run_id)
+    assert stale.info.status == "KILLED" and stale.info.lifecycle_stage == "deleted"
+    assert new.data.tags["manidp.identity"] == old.data.tags["manidp.identity"]
+    assert _steps(uri, new.info.run_id, "train_loss") == [0]
+
+
+def test_identity_is_the_result_not_where_or_how_it_ran(tmp_path, data_cache):
+    from manidp.tracking import identity_tags
+
+    base = small_run_config(tmp_path / "a", data_cache)
+    same = small_run_config(tmp_path / "b", data_cache, **{"runtime.threads": 1, "tracking.enabled": True})
+    assert identity_tags(same) == identity_tags(base)
+    for key, value in {"train.lr": 0.05, "seed": 1, "data.max_train": 256}.items():
+        assert identity_tags(small_run_config(tmp_path / "a", data_cache, **{key: value})) != identity_tags(base)
+
+
+def test_runs_that_die_are_marked_failed_or_killed(tmp_path, data_cache, store, monkeypatch):
+    import manidp.engine as engine
+
+    uri = store
+    with pytest.raises(TrainingDiverged):
+        train(_tracked(tmp_path / "nan", data_cache, uri, **{"train.lr": 1e30}))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_tracked(tmp_path / "interrupted", data_cache, uri, seed=1))
+    status = {r.data.tags["seed"]: r.info.status for r in _runs(uri)}
+    assert status == {"0": "FAILED", "1": "KILLED"}
+
+
+def test_locked_database_is_retried_not_given_up(monkeypatch):
+    monkeypatch.setattr(tracking, "RETRY_DELAYS", (0.01,) * 4)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "logged"
+
+    assert tracking._retry(flaky) == "logged" and len(calls) == 3
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("no such table: runs")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="no such table"):
+        tracking._retry(broken)
+    assert len(calls) == 1  # other errors are not retried
 
 
 @pytest.fixture
@@ -71,15 +219,48 @@ def test_real_mlflow_server_receives_a_run(tmp_path, data_cache, mlflow_server):
         json.loads((tmp_path / "run" / "metrics.json").read_text())["test_top1"])
 
 
-def test_unreachable_store_still_finishes_and_can_be_reimported(tmp_path, data_cache):
+def test_unreachable_store_leaves_a_marker_that_import_and_summary_pick_up(tmp_path, data_cache, store):
     dead = f"http://127.0.0.1:{_free_port()}"
-    cfg = small_run_config(tmp_path / "run", data_cache, **{"train.epochs": 1, "tracking.enabled": True,
-                                                             "tracking.uri": dead})
-    with pytest.warns(UserWarning, match="manidp tracking import"):
-        out = train(cfg)
-    assert (out / "metrics.json").is_file() and (out / "model.pt").is_file()
-    uri = f"sqlite:///{tmp_path / 'later.db'}"
-    init_store(uri)
-    import_run(out, uri)
-    (run,) = _runs(uri, "digits-c")
-    assert "test_top1" in run.data.metrics
+    with pytest.warns(UserWarning, match="NOT in the MLflow store.*manidp tracking import"):
+        first = train(_tracked(tmp_path / "run0", data_cache, dead))
+    assert (first / "metrics.json").is_file() and (first / "model.pt").is_file()
+    assert dead in (first / PENDING_FILE).read_text()
+    # A second result left pending the same way: the same files under another seed.
+    second = tmp_path / "run1"
+    shutil.copytree(first, second)
+    cfg = yaml.safe_load((second / "config.yaml").read_text())
+    (second / "config.yaml").write_text(yaml.safe_dump({**cfg, "seed": 1, "out": str(second)}))
+    import_run(first, store)  # by hand
+    assert not (first / PENDING_FILE).exists()
+    log_summary("digits-c", [], {}, store, run_dirs=[first, second])  # the workflow's summary imports the other
+    assert not (second / PENDING_FILE).exists()
+    assert sorted(r.data.tags["seed"] for r in _runs(store) if "seed" in r.data.tags) == ["0", "1"]
+
+
+def _table(path: Path) -> Path:
+    pd.DataFrame({"backbone": ["cifar_resnet20", "cifar_resnet20", "cifar_resnet20"],
+                  "method": ["dense", "l1", "l1"], "budget_pct": [None, 40, 40],
+                  "source": ["ours", "ours", "reported"], "top1_err": [10.0, 12.5, 11.0],
+                  "macs_reduction_pct": [0.0, 40.2, 40.0], "notes": ["", "", "paper"]}).to_csv(path, index=False)
+    return path
+
+
+def test_summary_run_logs_the_table_and_fails_on_missing_runs(tmp_path, dense_run, store):
+    uri = store
+    table = _table(tmp_path / "digits-c_table.csv")
+    with pytest.raises(UserError, match=r"1 of 1 runs are not in the MLflow store.*manidp tracking import"):
+        log_summary("digits-c", [table], {}, uri, run_dirs=[dense_run])
+    run_id = import_run(dense_run, uri)
+    summary = log_summary("digits-c", [table], {str(dense_run): {"speedup_cpu-1t": 1.25}}, uri,
+                          run_dirs=[dense_run])
+    assert log_summary("digits-c", [table], {str(dense_run): {"speedup_cpu-1t": 1.25}}, uri,
+                       run_dirs=[dense_run]) == summary
+    client = _client(uri)
+    metrics = client.get_run(summary).data.metrics
+    assert metrics["cifar_resnet20/l1/b40/top1_err"] == 12.5 and metrics["cifar_resnet20/dense/top1_err"] == 10.0
+    assert not any("reported" in k or k.endswith("notes") for k in metrics)  # our rows and numbers only
+    assert {a.path for a in client.list_artifacts(summary)} == {"digits-c_table.csv", "digits-c_table.json"}
+    assert client.get_run(run_id).data.metrics["speedup_cpu-1t"] == 1.25
+    assert len(client.get_metric_history(run_id, "speedup_cpu-1t")) == 1  # a re-run summary adds no point
+    roles = sorted(r.data.tags.get("role", "result") for r in _runs(uri))
+    assert roles == ["result", "summary"]
