@@ -547,7 +547,9 @@ def parent_input(wildcards) -> str:
     return ancient(f"results/tracking/{wildcards.dataset}/{wildcards.backbone}/parent_run.txt")
 
 
-validate_config(config)
+from manidp.config import yaml12_numbers  # 1e-3 is a float, as YAML 1.2 and the package read it
+
+validate_config(yaml12_numbers(config))
 
 
 wildcard_constraints:
