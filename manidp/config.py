@@ -167,15 +167,14 @@ def _is_number(value) -> bool:
 
 def _number(low: Optional[float] = None, high: Optional[float] = None, *, low_open: bool = False,
             high_open: bool = False, integer: bool = False, nullable: bool = False, what: str = "") -> Rule:
-    kind = what or ("an integer" if integer else "a number")
+    """A number within bounds; ``what`` replaces the generated description ("an integer >= 0")."""
     bounds = []
     if low is not None:
         bounds.append(f"{'>' if low_open else '>='} {low:g}")
     if high is not None:
         bounds.append(f"{'<' if high_open else '<='} {high:g}")
-    if what:
-        bounds = []
-    expected = kind + (f" {' and '.join(bounds)}" if bounds else "") + (" or null" if nullable else "")
+    expected = what or " ".join(["an integer" if integer else "a number", " and ".join(bounds)]).strip()
+    expected += " or null" if nullable else ""
 
     def check(value):
         if value is None and nullable:

@@ -164,6 +164,23 @@ def test_runs_that_die_are_marked_failed_or_killed(tmp_path, data_cache, store, 
     assert status == {"0": "FAILED", "1": "KILLED"}
 
 
+def test_sigterm_closes_the_run_as_killed(tmp_path, data_cache, store):
+    out = tmp_path / "run"
+    command = manidp_cli("train", "--out", str(out), "--epochs", "50", "--threads", "1", "--set",
+                         "train.batch_size=32", "--set", "data.max_train=64", "--set", "data.max_eval=32",
+                         "--set", f"data.cache_dir={data_cache}", "--set", f"tracking.uri={store}")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (out / "tracking.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.terminate()  # SIGTERM, as Slurm or snakemake send before killing
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + 15 and "Traceback" not in stderr, stderr[-2000:]
+    (run,) = _runs(store)
+    assert run.info.status == "KILLED"
+
+
 def test_locked_database_is_retried_not_given_up(monkeypatch):
     monkeypatch.setattr(tracking, "RETRY_DELAYS", (0.01,) * 4)
     calls = []
