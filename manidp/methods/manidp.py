@@ -232,7 +232,7 @@ class ManiDP(Method):
         "threshold_from_epoch": 1,
         "anneal_epochs": None,
         "threshold_updates_per_epoch": 1,
-        "gate_lr_scale": 1.0,
+        "gate_lr_scale": 10.0,
         "grad_clip": 5.0,
         "calibrate": True,
         "freeze_epochs": 0,
