@@ -106,9 +106,15 @@ def parse_assignment(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml_load(raw) if raw else None
     except yaml.YAMLError as err:
-        reason = str(err).replace("\n", " ")
-        raise UserError(f"--set {key}: cannot parse value '{raw}': {reason}") from None
+        raise UserError(f"--set {key}: cannot parse value '{raw}': {_yaml_problem(err)}") from None
     return keys, value
+
+
+def _yaml_problem(err: Exception) -> str:
+    """PyYAML's error on one line: what is wrong and where."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
 def _nest(keys: list[str], value: Any) -> dict:
@@ -125,8 +131,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        reason = str(err).replace("\n", " ")
-        raise UserError(f"config file {path} is not valid YAML: {reason}") from None
+        raise UserError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
     return data
