@@ -25,8 +25,9 @@ import sys
 import timm
 import torch
 
-from manidp.gating import DEFAULT_SLICE_CACHE_MB, deploy_model, insert_gates, kept_channels
-from manidp.latency import hardware_profile, time_side_by_side
+from manidp.gating import DEFAULT_SLICE_CACHE_MB, deploy_model, deployed_blocks, insert_gates, kept_channels
+from manidp.latency import (MEMORY_FORMATS, InMemoryFormat, hardware_profile, measure_latency, optimized_dense,
+                            prepare_deployed, spread, time_side_by_side)
 from manidp.macs import InstanceMacs, count_macs
 from manidp.methods.manidp import SaliencyGate
 
@@ -82,6 +83,39 @@ def gated_resnet34(reduction: float, seed: int = 0):
     return dense, gated, measured, rate
 
 
+def ablations(dense, gated, inputs, args, threads: int, macs_ratio: float) -> dict:
+    """What each optimization buys: the deployed form with one of them removed, all timed side by side.
+
+    ``full``: everything; ``no_slice_cache``: slices gathered (unpacked) on
+    every call; ``eager_gates``: gates as eager modules, not frozen TorchScript;
+    ``nchw``: NCHW activations instead of the dense reference's format;
+    ``no_dispatch``: every block gathered, nothing frozen. Ratios are against
+    the optimized dense reference.
+    """
+    reference, info = optimized_dense(dense, inputs)
+    fmt, mode = info["memory_format"], info["mode"]
+
+    def variant(cache_mb=args.slice_cache_mb, memory_format=fmt, eager_gates=False):
+        deployed = deploy_model(gated, slice_cache_mb=cache_mb)
+        if eager_gates:
+            for block in deployed_blocks(deployed).values():
+                block.fused = [getattr(block, f"gate{i + 1}") for i in range(len(block.fused))]
+        return prepare_deployed(deployed, inputs, memory_format, mode)[0]
+
+    undispatched = deploy_model(gated, slice_cache_mb=args.slice_cache_mb).to(memory_format=MEMORY_FORMATS[fmt])
+    models = {"dense_eager": dense, "dense": reference, "full": variant(), "no_slice_cache": variant(cache_mb=0),
+              "eager_gates": variant(eager_gates=True),
+              "nchw": variant(memory_format="contiguous" if fmt == "channels_last" else "channels_last"),
+              "no_dispatch": InMemoryFormat(undispatched, fmt)}
+    times = measure_latency(models, inputs, args.warmup, args.repeats, args.clock)
+    medians = {name: spread(t)["median"] for name, t in times.items()}
+    return {"benchmark": "resnet34_latency_ablations", "threads": threads, "clock": args.clock,
+            "macs_ratio": macs_ratio,
+            "dense_reference": info, "ms": medians,
+            "latency_ratio": {name: ms / medians["dense"] for name, ms in medians.items()},
+            "profile": hardware_profile("cpu", threads, "fp32")}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reduction", type=float, default=0.55, help="requested MACs reduction (default 0.55)")
@@ -91,6 +125,10 @@ def main(argv=None) -> int:
     parser.add_argument("--instances", type=int, default=2, help="random inputs per repeat")
     parser.add_argument("--slice-cache-mb", type=float, default=DEFAULT_SLICE_CACHE_MB,
                         help="memory cap of the deployed form's slice cache")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: the calling thread's CPU time (1 thread only; robust when others share the cores)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also time the deployed form with one optimization removed at a time, side by side")
     parser.add_argument("--profile", action="store_true",
                         help="also print a torch.profiler table of the deployed model (stderr)")
     args = parser.parse_args(argv)
@@ -102,13 +140,15 @@ def main(argv=None) -> int:
     for threads in args.threads:
         torch.set_num_threads(threads)
         deployed = deploy_model(gated, slice_cache_mb=args.slice_cache_mb)  # planned on this thread count
-        fields = time_side_by_side(dense, deployed, inputs, reference, args.warmup, args.repeats)
+        fields = time_side_by_side(dense, deployed, inputs, reference, args.warmup, args.repeats, args.clock)
         print(json.dumps({
             "benchmark": "resnet34_latency", "threads": threads, "requested_reduction": args.reduction,
             "keep_rate": rate, "macs_ratio": macs_ratio,
             "latency_over_macs": fields["latency_ratio"] / macs_ratio, **fields,
             "repeats": args.repeats, "profile": hardware_profile("cpu", threads, "fp32"),
         }), flush=True)
+        if args.ablations:
+            print(json.dumps(ablations(dense, gated, inputs, args, threads, macs_ratio)), flush=True)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 

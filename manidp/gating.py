@@ -351,10 +351,10 @@ class _SlicedConv:
     __slots__ = ("weight", "bias", "geometry", "groups", "packed", "nbytes")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, geometry: _ConvGeometry, groups: int,
-                 input_shape: Sequence[int]):
+                 input_shape: Sequence[int], pack: bool = True):
         self.geometry, self.groups = geometry, groups
         self.nbytes = weight.numel() * weight.element_size() + bias.numel() * bias.element_size()
-        self.packed = _PACKED and weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16)
+        self.packed = pack and _PACKED and weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16)
         if self.packed:
             g = geometry
             weight = torch.ops.mkldnn._reorder_convolution_weight(
@@ -537,9 +537,11 @@ class _Deployed(nn.Module):
 
         return self.cache.get((id(self), "kept", key), build), key
 
-    def _slice(self, name: str, keys: tuple, build: Callable[[], _SlicedConv]) -> _SlicedConv:
+    def _slice(self, name: str, keys: tuple, build: Callable[[bool], _SlicedConv]) -> _SlicedConv:
+        """The cached slice ``build(pack)`` makes; packing (a reorder of the whole slice) only pays when
+        the slice is reused, so a cache with no room gets plain slices."""
         def sized():
-            sliced = build()
+            sliced = build(self.cache.max_bytes > 0)
             return sliced, sliced.nbytes
 
         return self.cache.get((id(self), name, *keys), sized)
@@ -597,14 +599,14 @@ class DeployedBasicBlock(_Deployed):
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         m1 = self.fused[0](_pooled(x))
         k1, key1 = self._kept(m1)
-        conv1 = self._slice("conv1", (key1, x.shape), lambda: _SlicedConv(
-            self.w1.index_select(0, k1), self.b1.index_select(0, k1), self.geo1, 1, x.shape))
+        conv1 = self._slice("conv1", (key1, x.shape), lambda pack: _SlicedConv(
+            self.w1.index_select(0, k1), self.b1.index_select(0, k1), self.geo1, 1, x.shape, pack))
         y = conv1(x, self.relu1)
         y = _scale(y if self.relu1 else self.act1(y), m1, k1)
         m2 = self.fused[1](_scatter_pooled(y, k1, self.mid))
         k2, key2 = self._kept(m2)
-        conv2 = self._slice("conv2", (key1, key2, y.shape[2:]), lambda: _SlicedConv(
-            self.w2.index_select(0, k2).index_select(1, k1), self.b2.index_select(0, k2), self.geo2, 1, y.shape))
+        conv2 = self._slice("conv2", (key1, key2, y.shape[2:]), lambda pack: _SlicedConv(
+            self.w2.index_select(0, k2).index_select(1, k1), self.b2.index_select(0, k2), self.geo2, 1, y.shape, pack))
         z = _scale(conv2(y, False), m2, k2)
         shortcut = x if self.downsample is None else self.downsample(x)
         return self.act2(shortcut.index_add_(1, k2, z))
@@ -645,18 +647,18 @@ class DeployedBottleneck(_Deployed):
         g1, g2, g3 = self.geo
         m1 = self.fused[0](_pooled(x))
         k1, key1 = self._kept(m1)
-        conv1 = self._slice("conv1", (key1, x.shape), lambda: _SlicedConv(
-            self.w1.index_select(0, k1), self.b1.index_select(0, k1), g1, 1, x.shape))
+        conv1 = self._slice("conv1", (key1, x.shape), lambda pack: _SlicedConv(
+            self.w1.index_select(0, k1), self.b1.index_select(0, k1), g1, 1, x.shape, pack))
         y = conv1(x, self.relu1)
         y = _scale(y if self.relu1 else self.act1(y), m1, k1)
         m2 = self.fused[1](_scatter_pooled(y, k1, self.c1))
         k2, key2 = self._kept(m2)
-        conv2 = self._slice("conv2", (key1, key2, y.shape[2:]), lambda: _SlicedConv(
-            self.w2.index_select(0, k2).index_select(1, k1), self.b2.index_select(0, k2), g2, 1, y.shape))
+        conv2 = self._slice("conv2", (key1, key2, y.shape[2:]), lambda pack: _SlicedConv(
+            self.w2.index_select(0, k2).index_select(1, k1), self.b2.index_select(0, k2), g2, 1, y.shape, pack))
         y2 = conv2(y, self.relu2)
         y2 = _scale(y2 if self.relu2 else self.act2(y2), m2, k2)
-        conv3 = self._slice("conv3", (key2, y2.shape[2:]), lambda: _SlicedConv(
-            self.w3.index_select(1, k2), self.b3, g3, 1, y2.shape))
+        conv3 = self._slice("conv3", (key2, y2.shape[2:]), lambda pack: _SlicedConv(
+            self.w3.index_select(1, k2), self.b3, g3, 1, y2.shape, pack))
         shortcut = x if self.downsample is None else self.downsample(x)
         return self.act3(conv3(y2, False).add_(shortcut))
 
@@ -699,14 +701,14 @@ class DeployedInvertedResidual(_Deployed):
         g1, gd, g3 = self.geo
         m = self.fused[0](_pooled(x))
         k, key = self._kept(m)
-        pw = self._slice("pw", (key, x.shape), lambda: _SlicedConv(
-            self.w1.index_select(0, k), self.b1.index_select(0, k), g1, 1, x.shape))
+        pw = self._slice("pw", (key, x.shape), lambda pack: _SlicedConv(
+            self.w1.index_select(0, k), self.b1.index_select(0, k), g1, 1, x.shape, pack))
         y = self.act1(pw(x, False))
-        dw = self._slice("dw", (key, y.shape[2:]), lambda: _SlicedConv(
-            self.wd.index_select(0, k), self.bd.index_select(0, k), gd, k.numel(), y.shape))
+        dw = self._slice("dw", (key, y.shape[2:]), lambda pack: _SlicedConv(
+            self.wd.index_select(0, k), self.bd.index_select(0, k), gd, k.numel(), y.shape, pack))
         y = _scale(self.act2(dw(y, False)), m, k)
-        pwl = self._slice("pwl", (key, y.shape[2:]), lambda: _SlicedConv(
-            self.w3.index_select(1, k), self.b3, g3, 1, y.shape))
+        pwl = self._slice("pwl", (key, y.shape[2:]), lambda pack: _SlicedConv(
+            self.w3.index_select(1, k), self.b3, g3, 1, y.shape, pack))
         out = self.act3(pwl(y, False))
         return out.add_(x) if self.has_skip else out
 
@@ -824,8 +826,9 @@ def cast_deployed(model: nn.Module, device=None, dtype: Optional[torch.dtype] = 
 
 
 def _time_call(func: Callable, inputs: Sequence[torch.Tensor], repeats: int) -> float:
-    """Median over ``repeats`` of the mean time (ms) of ``func`` over ``inputs`` (each cloned: blocks
-    may overwrite their input), after one untimed pass."""
+    """Fastest over ``repeats`` of the mean time (ms) of ``func`` over ``inputs`` (each cloned: blocks
+    may overwrite their input), after one untimed pass. The minimum, not the median: other jobs on a
+    shared machine only ever add time, and a plan compares two paths, not absolute latencies."""
     times = []
     for r in range(repeats + 1):
         clones = [x.clone() for x in inputs]
@@ -834,7 +837,7 @@ def _time_call(func: Callable, inputs: Sequence[torch.Tensor], repeats: int) -> 
             func(x)
         if r:
             times.append((time.perf_counter() - start) * 1000 / len(inputs))
-    return statistics.median(times)
+    return min(times)
 
 
 def trace_and_freeze(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:

@@ -80,7 +80,7 @@ def hardware_profile(device: str, threads: int, dtype: str, batch_size: int = 1)
 
 @torch.inference_mode()
 def measure_latency(models: Mapping[str, Callable], inputs: Sequence[torch.Tensor], warmup: int = 3,
-                    repeats: int = 10) -> dict[str, list[float]]:
+                    repeats: int = 10, clock: str = "wall") -> dict[str, list[float]]:
     """Per-instance time (ms) of each model over ``inputs``, one list entry per repeat.
 
     Each repeat runs every model once over all inputs, in an order that
@@ -88,9 +88,19 @@ def measure_latency(models: Mapping[str, Callable], inputs: Sequence[torch.Tenso
     come first. Take the median of each list. On CUDA the time comes from
     CUDA events around each pass (one synchronisation per pass, none per
     instance), so queued kernels are counted and host overhead overlaps them.
+
+    ``clock="cpu"`` times CPU work of the calling thread instead of wall time
+    (``time.thread_time``): with one torch thread on a machine other jobs
+    share, it leaves out the time the process waited for a core. It is not a
+    latency at more threads (the other threads' work is not counted).
     """
     if not inputs:
         raise UserError("latency needs at least one input instance")
+    if clock not in ("wall", "cpu"):
+        raise UserError(f"unknown clock '{clock}'; valid clocks: wall, cpu")
+    if clock == "cpu" and (inputs[0].is_cuda or torch.get_num_threads() != 1):
+        raise UserError("the cpu clock measures one CPU thread: use it with --threads 1 on the CPU")
+    now = time.perf_counter if clock == "wall" else time.thread_time
     names = list(models)
     cuda = inputs[0].is_cuda
     times = {name: [] for name in names}
@@ -104,10 +114,10 @@ def measure_latency(models: Mapping[str, Callable], inputs: Sequence[torch.Tenso
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / len(inputs)
-        start = time.perf_counter()
+        start = now()
         for x in inputs:
             model(x)
-        return (time.perf_counter() - start) * 1000 / len(inputs)
+        return (now() - start) * 1000 / len(inputs)
 
     for _ in range(warmup):
         for name in names:
@@ -187,7 +197,7 @@ def _plan_summary(plan: dict) -> dict:
 
 
 def time_side_by_side(dense_eager: nn.Module, deployed: nn.Module, batches: Sequence[torch.Tensor],
-                      reference: torch.Tensor, warmup: int, repeats: int) -> dict:
+                      reference: torch.Tensor, warmup: int, repeats: int, clock: str = "wall") -> dict:
     """Time the eager dense model, the optimized dense reference and the deployed form side by side.
 
     A deployed form with gated blocks is made ready first
@@ -212,7 +222,8 @@ def time_side_by_side(dense_eager: nn.Module, deployed: nn.Module, batches: Sequ
     if cache is not None:
         cache.reset_counts()
     times = measure_latency({"dense_eager": dense_eager, "dense": dense, "deployed": runnable}, batches, warmup,
-                            repeats)
+                            repeats, clock)
+    fields["clock"] = clock
     if cache is not None:
         fields["slice_cache"] = cache.stats()
     stats = {name: spread(t) for name, t in times.items()}
