@@ -112,6 +112,7 @@ def _gateable(model: nn.Module, partitions: int) -> list[str]:
 @register_method
 class ChannelGating(Method):
     name = "channel_gating"
+    title = "CGNet-style channel gating (budget-calibrated)"
     dynamic = True
     needs_budget = True
     budget_tolerance = 0.03

@@ -204,6 +204,7 @@ def load_runs(run_dirs: Iterable[str | Path], profiles: Iterable[str] = ()) -> "
             "macs_reduction_pct": 100.0 * m["macs_reduction"],
             "macs_theoretical": bool(info.get("macs_theoretical", False)),
             "variant": info.get("variant") if isinstance(info.get("variant"), str) else None,
+            "title": info.get("title") if isinstance(info.get("title"), str) else None,
             "epochs": epochs, "optimizer_steps": steps,
             **{key: _recorded(m, key) for key in OPTIONAL_VAL},
             "spearman_macs_severity": m.get("spearman_macs_severity"),
@@ -255,6 +256,7 @@ def summarize_runs(runs: "pd.DataFrame", profiles: Iterable[str] = ()) -> "pd.Da
                "budget_pct": None if pd.isna(budget) else round(100 * budget, 1), "n_seeds": len(group)}
         notes = ["MACs theoretical (per-activation gating; dense kernels skip nothing)"
                  if group["macs_theoretical"].any() else None]
+        notes = sorted(set(group["title"].dropna())) + notes
         notes += sorted(f"variant: {v}" for v in set(group["variant"].dropna()))
         for budget_key in ("epochs", "optimizer_steps"):
             values = group[budget_key].dropna().unique()

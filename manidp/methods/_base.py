@@ -96,6 +96,9 @@ class Method:
     budget_tolerance: ClassVar[Optional[float]] = None
     #: Whether the method needs a budget (a requested MACs reduction).
     needs_budget: ClassVar[bool] = False
+    #: What tables call the method when its registered name alone would overclaim (e.g. a partial
+    #: reproduction); recorded in method_info and shown in the table notes.
+    title: ClassVar[Optional[str]] = None
     #: Option names and defaults; unknown options are refused.
     default_options: ClassVar[dict] = {}
     #: DDP must look for parameters without gradients (gates skipped at some steps).
@@ -201,7 +204,8 @@ class Method:
 
     def describe(self) -> dict:
         """Resolved options and fixed facts, recorded in each run's metrics."""
-        return {"name": self.name, "dynamic": self.dynamic, "options": self.options, "budget": self.budget}
+        info = {"name": self.name, "dynamic": self.dynamic, "options": self.options, "budget": self.budget}
+        return {**info, "title": self.title} if self.title else info
 
 
 METHODS: Registry[type[Method]] = Registry("method")
