@@ -34,15 +34,16 @@ from manidp.methods.manidp import SaliencyGate
 INPUT = (3, 224, 224)
 
 
-def _kept_count(rate: float, channels: int) -> int:
-    return max(1, round(rate * channels))
+def _kept_count(rate: float, channels: int, multiple: int = 1) -> int:
+    """round(rate * C), rounded to a multiple of ``multiple`` (the SIMD block, as ``round_to`` does)."""
+    return min(channels, max(multiple, round(rate * channels / multiple) * multiple))
 
 
-def force_keep_pattern(gates, rate: float, generator: torch.Generator) -> None:
+def force_keep_pattern(gates, rate: float, generator: torch.Generator, multiple: int = 1) -> None:
     """Make every gate keep the same random ``round(rate * C)`` channels (mask 1) for any input."""
     for site in gates:
         channels = site.out_channels
-        keep = torch.randperm(channels, generator=generator)[: _kept_count(rate, channels)]
+        keep = torch.randperm(channels, generator=generator)[: _kept_count(rate, channels, multiple)]
         bias = -torch.ones(channels)
         bias[keep] = 1.0
         with torch.no_grad():
@@ -50,7 +51,7 @@ def force_keep_pattern(gates, rate: float, generator: torch.Generator) -> None:
             site.gate.fc2.bias.copy_(bias)
 
 
-def gated_resnet34(reduction: float, seed: int = 0):
+def gated_resnet34(reduction: float, seed: int = 0, multiple: int = 1):
     """(dense model, gated model, measured MACs ratio, keep rate) for the requested reduction.
 
     The keep rate is chosen on the kept counts alone; the MACs ratio reported
@@ -70,13 +71,13 @@ def gated_resnet34(reduction: float, seed: int = 0):
     def planned_ratio(rate: float) -> float:
         in_kept, out_kept = {}, {}
         for site in gates:
-            kept = torch.tensor([float(_kept_count(rate, site.out_channels))])
+            kept = torch.tensor([float(_kept_count(rate, site.out_channels, multiple))])
             out_kept.update({name: kept for name in site.conv_names})
             in_kept.update({name: kept for name in site.consumer_names})
         return float(counter(1, in_kept, out_kept)[0]) / dense_macs
 
     rate = min((i / 512 for i in range(1, 513)), key=lambda r: abs(1 - planned_ratio(r) - reduction))
-    force_keep_pattern(gates, rate, torch.Generator().manual_seed(seed))
+    force_keep_pattern(gates, rate, torch.Generator().manual_seed(seed), multiple)
     with torch.no_grad():
         gated(torch.randn(1, *INPUT))
     measured = float(counter(1, *kept_channels(gates))[0]) / dense_macs
@@ -125,6 +126,8 @@ def main(argv=None) -> int:
     parser.add_argument("--instances", type=int, default=2, help="random inputs per repeat")
     parser.add_argument("--slice-cache-mb", type=float, default=DEFAULT_SLICE_CACHE_MB,
                         help="memory cap of the deployed form's slice cache")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="kept counts rounded to this multiple (8/16: oneDNN's SIMD block; default 1 = none)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: the calling thread's CPU time (1 thread only; robust when others share the cores)")
     parser.add_argument("--ablations", action="store_true",
@@ -132,8 +135,10 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="also print a torch.profiler table of the deployed model (stderr)")
     args = parser.parse_args(argv)
+    if args.round_to < 1:
+        parser.error("--round-to must be >= 1")
 
-    dense, gated, macs_ratio, rate = gated_resnet34(args.reduction)
+    dense, gated, macs_ratio, rate = gated_resnet34(args.reduction, multiple=args.round_to)
     inputs = [torch.randn(1, *INPUT) for _ in range(args.instances)]
     with torch.no_grad():
         reference = torch.cat([gated(x) for x in inputs])
@@ -143,6 +148,7 @@ def main(argv=None) -> int:
         fields = time_side_by_side(dense, deployed, inputs, reference, args.warmup, args.repeats, args.clock)
         print(json.dumps({
             "benchmark": "resnet34_latency", "threads": threads, "requested_reduction": args.reduction,
+            "round_to": args.round_to,
             "keep_rate": rate, "macs_ratio": macs_ratio,
             "latency_over_macs": fields["latency_ratio"] / macs_ratio, **fields,
             "repeats": args.repeats, "profile": hardware_profile("cpu", threads, "fp32"),

@@ -11,8 +11,8 @@ saliency as the scale; a binary gate returns 0/1). Methods build gates with a
 
 1. ``gate(x) -> mask``, ``mask.shape == (B, C_out)``, ``mask >= 0``.
 2. The gate depends on ``x`` only through its global average pool
-   ``x.mean((2, 3))``: the deployed batch-1 form computes a gate's input from
-   the kept channels alone and hands the gate a ``[1, C_in, 1, 1]`` map.
+   ``x.mean((2, 3))``: the deployed form computes a gate's input from the
+   kept channels alone and hands the gate a ``[B, C_in, 1, 1]`` map (fp32).
 3. In eval mode the mask depends on the instance only (no batch statistics),
    so a batch-1 call gives the same mask as the same instance in a batch.
 
@@ -59,9 +59,27 @@ What the machinery gives a method (the API FBS and ManiDP share):
 * ``kept_channels(gates) -> (in_kept, out_kept)``: ``{conv name: Tensor[B]}``
   counts of nonzero mask entries of the last forward, the arguments
   :class:`~manidp.macs.InstanceMacs` takes (``counter(B, in_kept, out_kept)``).
-* ``deploy_model(model) -> nn.Module``: the batch-1 deployed form (a copy),
-  which never computes a skipped channel (see :class:`DeployedBasicBlock`);
-  its outputs equal the masked model's outputs.
+* ``insert_gates(..., round_to=8)``: kept counts rounded to a multiple of 8
+  or 16 (oneDNN's SIMD channel block), in training, evaluation and the
+  deployed form alike (:func:`round_kept`); ManiDP and FBS expose it as the
+  method option ``round_to``.
+* ``deploy_model(model, slice_cache_mb)``: the deployed form (a copy), whose
+  outputs equal the masked model's. Every gated block becomes a
+  :class:`_Deployed` block with BN folded and two paths: *gathered* (CPU,
+  batch 1: the convolutions run on the kept channels only, their BN-folded
+  weight slices taken from a bounded LRU :class:`SliceCache` keyed by kept
+  set and prepacked for oneDNN) and *dense-then-mask* (full-width folded
+  convolutions times the masks: static shapes, no host synchronisation, so
+  CUDA and batches > 1 run it). Gates run as one frozen TorchScript call on
+  their fp32 pooled input; gate 2 of a gathered block reads the pool of
+  conv1's kept outputs, scattered into a C-long vector only.
+* ``plan_deployment(deployed, inputs)``: per block, time both paths on the
+  running hardware and keep the faster (the plan is returned, to record).
+* ``compile_deployed(deployed, example)``: freeze what is static (the whole
+  model when every block runs dense, else the dense-path blocks).
+* ``fold_batchnorm(model)``, ``trace_and_freeze(module, example)``: the same
+  optimizations for a dense reference. ``cast_deployed`` moves/casts a
+  deployed model keeping gates and thresholds in fp32.
 * ``copy_model(model)``: a deepcopy that drops the per-forward records.
 * ``register_gated_block(block_type, specs, deployed_type)``: a new block type.
 """
@@ -828,15 +846,17 @@ def cast_deployed(model: nn.Module, device=None, dtype: Optional[torch.dtype] = 
 def _time_call(func: Callable, inputs: Sequence[torch.Tensor], repeats: int) -> float:
     """Fastest over ``repeats`` of the mean time (ms) of ``func`` over ``inputs`` (each cloned: blocks
     may overwrite their input), after one untimed pass. The minimum, not the median: other jobs on a
-    shared machine only ever add time, and a plan compares two paths, not absolute latencies."""
+    shared machine only ever add time, and a plan compares two paths, not absolute latencies. With
+    one CPU thread the clock is that thread's CPU time, which leaves out waits for a busy core."""
+    now = time.thread_time if inputs[0].is_cpu and torch.get_num_threads() == 1 else time.perf_counter
     times = []
     for r in range(repeats + 1):
         clones = [x.clone() for x in inputs]
-        start = time.perf_counter()
+        start = now()
         for x in clones:
             func(x)
         if r:
-            times.append((time.perf_counter() - start) * 1000 / len(inputs))
+            times.append((now() - start) * 1000 / len(inputs))
     return min(times)
 
 

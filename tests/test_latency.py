@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from manidp.cli import main
+from manidp.errors import UserError
 from manidp.latency import measure_latency
 from test_manidp import trained_manidp_run
 
@@ -18,6 +19,19 @@ def test_measure_latency_interleaves_and_alternates_the_order():
     assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}
     assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_cpu_clock_is_for_one_thread_only():
+    models = {"a": lambda x: x + 1}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert len(measure_latency(models, [torch.zeros(1)], warmup=0, repeats=2, clock="cpu")["a"]) == 2
+        torch.set_num_threads(2)
+        with pytest.raises(UserError, match="one CPU thread"):
+            measure_latency(models, [torch.zeros(1)], clock="cpu")
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture
