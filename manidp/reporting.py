@@ -902,7 +902,8 @@ def _summary(args) -> int:
         for _, r in runs[runs["budget"].notna()].iterrows():
             per_run[r["run_dir"]] = {f"speedup_{p}": r[f"speedup_{p}"] for p in args.profiles
                                      if not math.isnan(r[f"speedup_{p}"])}
-        run_id = tracking.log_summary(args.dataset, args.artifact, per_run, args.uri, args.experiment)
+        run_id = tracking.log_summary(args.dataset, args.artifact, per_run, args.uri, args.experiment,
+                                      run_dirs=args.runs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(run_id)
     print(f"summary run for {args.dataset}: {run_id or '(tracking off)'}")
