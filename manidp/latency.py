@@ -191,6 +191,23 @@ def prepare_deployed(deployed: nn.Module, inputs: Sequence[torch.Tensor], memory
     return InMemoryFormat(runnable, memory_format), {"plan": plan, "cache": cache}
 
 
+def _optimized_like_dense(model: nn.Module, inputs: Sequence[torch.Tensor], memory_format: str,
+                          mode: str) -> nn.Module:
+    """A static method's model (physically pruned, or masked per activation) with the reference's optimizations.
+
+    BN folded, the reference's memory format, frozen TorchScript when the
+    reference is; a model that does not trace runs eager (the outputs are
+    checked against the masked model's either way).
+    """
+    model = fold_batchnorm(model.eval()).to(memory_format=MEMORY_FORMATS[memory_format])
+    if mode == "torchscript":
+        try:
+            model = trace_and_freeze(model, inputs[0].contiguous(memory_format=MEMORY_FORMATS[memory_format]))
+        except RuntimeError:
+            pass
+    return InMemoryFormat(model, memory_format)
+
+
 def _plan_summary(plan: dict) -> dict:
     paths = [entry["path"] for entry in plan.values()]
     return {"gathered": paths.count("gathered"), "dense": paths.count("dense")}
@@ -211,11 +228,13 @@ def time_side_by_side(dense_eager: nn.Module, deployed: nn.Module, batches: Sequ
     """
     dense, dense_info = optimized_dense(dense_eager, batches)
     fields: dict = {"dense_reference": dense_info}
-    runnable, cache = deployed, None
+    cache = None
     if deployed_blocks(deployed):
         runnable, info = prepare_deployed(deployed, batches, dense_info["memory_format"], dense_info["mode"])
         cache = info["cache"]
         fields.update(dispatch_plan=info["plan"], dispatch_summary=_plan_summary(info["plan"]))
+    else:
+        runnable = _optimized_like_dense(deployed, batches, dense_info["memory_format"], dense_info["mode"])
     with torch.inference_mode():
         out = torch.cat([runnable(x.clone()) for x in batches]).float()
     fields["deployed_max_rel_error"] = float((out - reference).abs().max() / reference.abs().max().clamp(min=1e-12))
