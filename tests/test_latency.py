@@ -101,3 +101,18 @@ def test_negative_slice_cache_cap_is_a_user_error(gated_run, capsys):
 def test_missing_run_is_a_user_error(tmp_path, capsys):
     assert main(["latency", str(tmp_path / "nothing")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_static_method_is_timed_with_the_dense_reference_s_optimizations(tmp_path_factory, data_cache, dense_run,
+                                                                        tmp_path):
+    from conftest import small_run_config
+    from manidp.engine import train
+
+    run = train(small_run_config(tmp_path_factory.mktemp("l1") / "run", data_cache, method="l1", budget=0.4,
+                                 init_from=str(dense_run), **{"train.epochs": 1}))
+    out = tmp_path / "l1.json"
+    assert main(["latency", str(run), "--threads", "1", "--instances", "4", "--repeats", "1", "--warmup", "0",
+                 "--dense", str(dense_run), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["status"] == "ok" and report["deployed_max_rel_error"] <= 1e-4
+    assert "dispatch_plan" not in report and report["dense_reference"]["mode"] in ("eager", "torchscript")
