@@ -12,6 +12,7 @@ status polling overlap the local tests.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -41,10 +42,20 @@ DEFAULT_PLAN = {"tracking_store": 1, "tracking_parent": 1, "train_dense": 3, "tr
 # 6 methods, 1 seed, latency on cpu-1t and cuda-bf16.
 IMAGENET_PLAN = {"tracking_store": 1, "tracking_parent": 3, "train_dense": 3, "train_method": 30, "latency": 60,
                  "table": 1}
+
+
+def _sweep_size(section: dict) -> int:
+    """Runs of a dataset's recipe sweep: every method's lr x knob grid, on every seed and backbone."""
+    tuning = section["tuning"]
+    per_method = [len(tuning["lr"]) * math.prod(len(v) for v in grid.values()) for grid in tuning["methods"].values()]
+    return sum(per_method) * len(tuning["seeds"]) * len(section["backbones"])
+
+
 # On request: ManiDP and its 3 ablations x 2 budgets x 3 seeds (the manidp runs
-# are the main table's); the sweep: 6 methods x (3 lr x 2 knob values) x 3 seeds.
+# are the main table's), and the sweep (its size follows the configured grids).
+DIGITS_C = yaml.safe_load(DEFAULT_CONFIG.read_text())["datasets"]["digits-c"]
 ON_REQUEST_PLAN = {"tracking_store": 1, "tracking_parent": 1, "train_dense": 3, "train_method": 24,
-                   "ablation_table": 1, "train_tuning": 108, "tuning_table": 1}
+                   "ablation_table": 1, "train_tuning": _sweep_size(DIGITS_C), "tuning_table": 1}
 TINY_PLAN = {"tracking_store": 1, "tracking_parent": 1, "train_dense": 1, "train_method": 1, "latency": 1,
              "table": 1, "plot": 1, "tracking_summary": 1, "dataset_all": 1, "all": 1}
 
@@ -176,8 +187,14 @@ def test_recipe_sweep_reads_no_test_file(parse_runs):
         command = job.split("Shell command:", 1)[1]
         assert "--set 'eval_splits=[\"val\"]'" in command and "instances_test" not in command, command
         assert f"--init-from runs/digits-c/cifar_resnet20/dense/seed{seed} " in command
+    # Every method gets the same-size sweep: lr x its knob values, here ManiDP's lam.
+    methods = {re.search(r"method=(\w+),", job).group(1) for job in jobs}
+    assert methods == set(DIGITS_C["tuning"]["methods"])
     settings = {re.search(r"recipe=([^,]+)", job).group(1) for job in jobs if "method=manidp," in job}
-    assert settings == {f"lr{lr}-lam{lam}" for lr in (0.01, 0.02, 0.05) for lam in (0.05, 0.2)}
+    lam = DIGITS_C["tuning"]["methods"]["manidp"]["lam"]
+    assert settings == {f"lr{a:g}-lam{b:g}" for a in DIGITS_C["tuning"]["lr"] for b in lam}
+    per_method = {m: sum(f"method={m}," in job for job in jobs) for m in methods}
+    assert len(set(per_method.values())) == 1, per_method
 
 
 def test_imagenet_dry_run_lists_plan_without_data(parse_runs):
