@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch.utils.data import TensorDataset
 
 from manidp.data._registry import Splits, register_dataset
@@ -136,6 +135,8 @@ def _corrupt(images: torch.Tensor, severity: torch.Tensor, gen: torch.Generator)
 
 def _generate(params: dict) -> dict:
     """Build all digits-c tensors from scratch (deterministic in ``params``)."""
+    from sklearn.datasets import load_digits  # 3 s of import: only when the cache is (re)built
+
     digits = load_digits()
     clean = torch.tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
     clean = F.interpolate(clean, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
