@@ -134,7 +134,7 @@ class FPGM(SoftFilterPruning):
 class SFP(SoftFilterPruning):
     name = "sfp"
     default_options = {**SoftFilterPruning.default_options, "zero_grad": False}
-    variants = {False: "SFP authors' code: zero the selected filters, which keep updating",
+    variants = {False: "SFP authors' code: zero the selected filters, gradients not masked",
                 True: "departure: zero the selected filters and their gradients (as FPGM's code)"}
 
     @staticmethod
