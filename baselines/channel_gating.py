@@ -38,7 +38,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from manidp.errors import UserError
 from manidp.macs import InstanceMacs, trace_layers
@@ -99,26 +98,10 @@ class GatedConv2d(nn.Module):
         self.register_buffer("shift", torch.zeros(()))  # the validation calibration
         self.in_kept: Optional[torch.Tensor] = None
         self.on_rate: Optional[torch.Tensor] = None
-        # Equal groups: the block-diagonal partial sum is a grouped convolution, 1/p of the dense cost
-        self.partitions = partitions
-        self.grouped = (conv.groups == 1 and conv.padding_mode == "zeros" and conv.in_channels % partitions == 0
-                        and conv.out_channels % partitions == 0)
-
-    def partial_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """The conv restricted to each output group's own input group (the base path)."""
-        conv = self.conv
-        if not self.grouped:
-            return conv._conv_forward(x, conv.weight * self.base_mask, conv.bias)
-        p = self.partitions
-        blocks = conv.weight.view(p, conv.out_channels // p, p, conv.in_channels // p, *conv.weight.shape[2:])
-        diagonal = torch.arange(p, device=blocks.device)
-        weight = blocks[diagonal, :, diagonal].reshape(conv.out_channels, conv.in_channels // p,
-                                                       *conv.weight.shape[2:])
-        return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, groups=p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         full = self.conv(x)
-        partial = self.partial_sum(x)
+        partial = self.conv._conv_forward(x, self.conv.weight * self.base_mask, self.conv.bias)
         score = self.norm(partial) - (self.delta + self.shift).view(1, -1, 1, 1)
         gate = _StraightThroughStep.apply(score, SURROGATE_ALPHA, self.sparse_bp)
         on = gate.detach()

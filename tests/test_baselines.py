@@ -367,21 +367,3 @@ def test_channel_gating_sparse_backprop_only_where_the_gate_is_on():
         gate(x).sum().backward()
         grads[sparse] = gate.delta.grad.abs().sum()
     assert grads[True] < grads[False]  # the off activations no longer pull on the thresholds
-
-
-def test_channel_gating_grouped_partial_sum_equals_the_masked_conv():
-    """With equal groups the base path runs as a grouped conv (1/p of the MACs), same values and gradients."""
-    from baselines.channel_gating import GatedConv2d
-
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
-    gate = GatedConv2d(copy.deepcopy(conv), 4, 0.5)
-    assert gate.grouped
-    x = torch.randn(2, 16, 8, 8)
-    grouped = gate.partial_sum(x)
-    masked = gate.conv._conv_forward(x, gate.conv.weight * gate.base_mask, None)
-    torch.testing.assert_close(grouped, masked, atol=1e-5, rtol=1e-4)
-    (g_grouped,) = torch.autograd.grad(grouped.square().sum(), gate.conv.weight)
-    (g_masked,) = torch.autograd.grad(masked.square().sum(), gate.conv.weight)
-    torch.testing.assert_close(g_grouped, g_masked, atol=1e-4, rtol=1e-4)
-    assert not GatedConv2d(torch.nn.Conv2d(6, 8, 3), 4, 0.5).grouped  # unequal groups: the masked conv
