@@ -176,14 +176,11 @@ def test_run_reloads_from_its_file_in_a_fresh_process(name, baseline_runs):
     assert reloaded["macs"] == pytest.approx(metrics["macs"])
 
 
-def test_fpgm_zero_grad_variant_keeps_selected_filters_at_zero():
-    model = _resnet20().train()
-    method = METHODS.get("fpgm")({"zero_grad": True}, 0.4)
-    ctx = _context(model, CIFAR)
-    method.prepare(model, ctx)
+def _soft_steps(method, model, ctx, steps=3, select_at=0):
+    """A few SGD steps through the method's hooks; the first selection is made before step ``select_at``."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for step in range(3):  # the first step gathers momentum on filters selected only afterwards
-        if step == 1:
+    for step in range(steps):
+        if step == select_at:
             method.on_train_start(model, ctx)
         loss, _, _ = method.training_loss(model, torch.randn(8, *CIFAR), torch.randint(0, 10, (8,)), ctx)
         optimizer.zero_grad()
@@ -191,6 +188,14 @@ def test_fpgm_zero_grad_variant_keeps_selected_filters_at_zero():
         method.after_backward(model, ctx)
         optimizer.step()
         method.after_step(model, ctx)
+
+
+def test_fpgm_zero_grad_variant_keeps_selected_filters_at_zero():
+    model = _resnet20().train()
+    method = METHODS.get("fpgm")({"zero_grad": True}, 0.4)
+    ctx = _context(model, CIFAR)
+    method.prepare(model, ctx)
+    _soft_steps(method, model, ctx, select_at=1)  # the first step gathers momentum on filters selected afterwards
     for key, idxs in method.selection.items():
         conv = model.get_submodule(key)
         assert conv.weight[idxs].abs().sum() == 0 and conv.weight.grad[idxs].abs().sum() == 0
@@ -292,18 +297,6 @@ def test_auto_layers_prune_every_conv_where_the_graph_allows_it():
     assert channel_groups(option_a, CIFAR, "auto") == channel_groups(option_a, CIFAR, "first_conv")
     for name in ("fpgm", "sfp"):
         assert METHODS.get(name).default_options["layers"] == "auto"
-
-
-def _soft_steps(method, model, ctx, steps=3):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    method.on_train_start(model, ctx)
-    for _ in range(steps):
-        loss, _, _ = method.training_loss(model, torch.randn(8, *CIFAR), torch.randint(0, 10, (8,)), ctx)
-        optimizer.zero_grad()
-        loss.backward()
-        method.after_backward(model, ctx)
-        optimizer.step()
-        method.after_step(model, ctx)
 
 
 def test_sfp_default_is_its_authors_schedule_zeroed_filters_are_not_held():

@@ -319,6 +319,9 @@ class ManiDP(Method):
     # -- building -----------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self._base_lr = ctx.config["train"]["lr"]
+        if self.options["freeze_epochs"] and self.options["freeze_epochs"] >= ctx.epochs:
+            raise UserError(f"method option freeze_epochs ({self.options['freeze_epochs']}) must be smaller than "
+                            f"train.epochs ({ctx.epochs}): the thresholds are annealed before they are frozen")
         self.gates = insert_gates(model, SaliencyGate, round_to=self.options["round_to"])
         if self.keep_rate_target is None:
             self.keep_rate_target = self._keep_rate_for_budget(model, ctx)
