@@ -34,7 +34,7 @@ from manidp.errors import UserError
 from manidp.gating import (DEFAULT_SLICE_CACHE_MB, cast_deployed, compile_deployed, deployed_blocks, fold_batchnorm,
                            plan_deployment, set_slice_cache_limit, slice_cache, trace_and_freeze)
 
-__all__ = ["measure_latency", "hardware_profile", "device_unavailable", "latency_report", "spread",
+__all__ = ["measure_latency", "hardware_profile", "device_unavailable", "device_state", "latency_report", "spread",
            "optimized_dense", "prepare_deployed", "time_side_by_side", "InMemoryFormat", "MEMORY_FORMATS"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -47,6 +47,24 @@ def device_unavailable(device: str) -> Optional[str]:
     if device not in ("cpu", "cuda"):
         return f"unknown device '{device}'"
     return None
+
+
+def device_state(device: str, result: str | Path) -> str:
+    """'present' when ``device`` can be measured here or ``result`` already holds a measurement, else 'absent'.
+
+    The workflow passes it as a parameter of each latency job, so a result
+    that says "unavailable" is not final: when the device appears, the value
+    changes and the job re-runs. A result measured elsewhere (a GPU machine)
+    counts as 'present' wherever the workflow runs next, so moving results to
+    a machine without the device never discards a measurement.
+    """
+    if device_unavailable(device) is None:
+        return "present"
+    try:
+        measured = json.loads(Path(result).read_text()).get("status") == "ok"
+    except (OSError, ValueError, AttributeError):
+        measured = False
+    return "present" if measured else "absent"
 
 
 def _cpu_model() -> str:
@@ -318,7 +336,8 @@ def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[i
 
 
 def _add_arguments(p) -> None:
-    p.add_argument("run_dir", help="a finished run folder (holds model.pt)")
+    p.add_argument("run_dir", nargs="+", help="finished run folder(s) (each holds model.pt), timed one after "
+                   "the other in this process against the same dense model")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--batch-size", type=int, default=1)
@@ -329,18 +348,41 @@ def _add_arguments(p) -> None:
     p.add_argument("--dense", help="dense run folder whose weights the dense model uses")
     p.add_argument("--slice-cache-mb", type=float, default=DEFAULT_SLICE_CACHE_MB,
                    help=f"memory cap of the deployed form's weight-slice cache (default {DEFAULT_SLICE_CACHE_MB:g})")
-    p.add_argument("--out", help="JSON file to write (default: print only)")
+    p.add_argument("--out", help="JSON file to write, for one run folder (default: print only)")
+    p.add_argument("--out-name", help="file name to write inside each run folder (e.g. latency_cpu-2t.json); "
+                   "several run folders need it")
+
+
+def _write(path: Path, text: str) -> None:
+    """Write through a temporary file, so a killed job never leaves half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
 
 
 def _run(args) -> int:
-    report = latency_report(args.run_dir, args.device, args.threads, args.batch_size, args.dtype, args.instances,
-                            args.repeats, args.warmup, args.dense, args.slice_cache_mb)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-    print(text)
+    if args.out and args.out_name:
+        raise UserError("give --out (one run folder) or --out-name (a file in each run folder), not both")
+    if args.out and len(args.run_dir) > 1:
+        raise UserError(f"--out names one file but {len(args.run_dir)} run folders were given; "
+                        f"use --out-name NAME to write NAME inside each run folder")
+    if args.out_name and (Path(args.out_name).name != args.out_name or args.out_name in (".", "..")):
+        raise UserError(f"--out-name {args.out_name}: give a file name, not a path (it is written inside each "
+                        f"run folder)")
+    # Every folder is checked before the first is timed: a typo fails in a second, not after minutes.
+    for run_dir in args.run_dir:
+        if not (Path(run_dir) / "model.pt").is_file():
+            raise UserError(f"{run_dir}/model.pt not found: give finished run folders (manidp train writes them)")
+    for run_dir in args.run_dir:
+        report = latency_report(run_dir, args.device, args.threads, args.batch_size, args.dtype, args.instances,
+                                args.repeats, args.warmup, args.dense, args.slice_cache_mb)
+        text = json.dumps(report, indent=2)
+        if args.out:
+            _write(Path(args.out), text)
+        elif args.out_name:
+            _write(Path(run_dir) / args.out_name, text)
+        print(text)
     return 0
 
 

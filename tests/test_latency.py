@@ -104,15 +104,45 @@ def test_missing_run_is_a_user_error(tmp_path, capsys):
 
 
 def test_static_method_is_timed_with_the_dense_reference_s_optimizations(tmp_path_factory, data_cache, dense_run,
-                                                                        tmp_path):
+                                                                        gated_run, capsys):
+    """Also: several run folders in one process (what the workflow does per seed), one file in each."""
     from conftest import small_run_config
     from manidp.engine import train
 
     run = train(small_run_config(tmp_path_factory.mktemp("l1") / "run", data_cache, method="l1", budget=0.4,
                                  init_from=str(dense_run), **{"train.epochs": 1}))
-    out = tmp_path / "l1.json"
-    assert main(["latency", str(run), "--threads", "1", "--instances", "4", "--repeats", "1", "--warmup", "0",
-                 "--dense", str(dense_run), "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
+    flags = ["--threads", "1", "--instances", "4", "--repeats", "1", "--warmup", "0", "--dense", str(dense_run)]
+    assert main(["latency", str(run), str(gated_run), *flags, "--out-name", "latency_test.json"]) == 0
+    report = json.loads((run / "latency_test.json").read_text())
     assert report["status"] == "ok" and report["deployed_max_rel_error"] <= 1e-4
     assert "dispatch_plan" not in report and report["dense_reference"]["mode"] in ("eager", "torchscript")
+    gated = json.loads((gated_run / "latency_test.json").read_text())
+    assert gated["status"] == "ok" and gated["method"] == "manidp" and gated["dispatch_plan"]
+    capsys.readouterr()
+    # Several folders need --out-name; a path is not a name; a missing folder fails before any timing.
+    assert main(["latency", str(run), str(gated_run), *flags, "--out", str(run / "x.json")]) == 2
+    assert "--out-name" in capsys.readouterr().err
+    assert main(["latency", str(run), *flags, "--out-name", "sub/x.json"]) == 2
+    assert "not a path" in capsys.readouterr().err
+    assert main(["latency", str(run), str(run.parent / "nothing"), *flags, "--out-name", "late.json"]) == 2
+    assert "not found" in capsys.readouterr().err and not (run / "late.json").exists()
+
+
+def test_an_unavailable_result_is_not_final_and_a_measured_one_is_kept(tmp_path, monkeypatch):
+    """The workflow's latency param: 'absent' while the device is missing and nothing was measured;
+    it turns 'present' (a re-run) when the device appears, and a measurement is never re-run away."""
+    from manidp import latency
+
+    result = tmp_path / "latency_cuda-bf16.json"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert latency.device_state("cpu", result) == "present"
+    assert latency.device_state("cuda", result) == "absent"  # nothing yet
+    result.write_text(json.dumps({"status": "unavailable", "reason": "no CUDA device", "device": "cuda"}))
+    assert latency.device_state("cuda", result) == "absent"  # stable: no re-run on the same machine
+    result.write_text("{not json")
+    assert latency.device_state("cuda", result) == "absent"
+    result.write_text(json.dumps({"status": "ok", "deployed_ms": 1.0}))
+    assert latency.device_state("cuda", result) == "present"  # measured on a GPU machine, then moved here
+    result.write_text(json.dumps({"status": "unavailable", "reason": "no CUDA device", "device": "cuda"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert latency.device_state("cuda", result) == "present"  # the device appeared: the job re-runs

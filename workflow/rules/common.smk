@@ -112,11 +112,12 @@ def _check_tuning(ds: str, section: dict) -> None:
     if not tuning:
         return
     sizes = {}
+    entries = [*section["methods"], *section.get("ablations", {}).get("methods", {})]
     for entry, grid in tuning["methods"].items():
-        if entry not in section["methods"]:
+        if entry not in entries:
             raise WorkflowError(
-                f"config key 'datasets.{ds}.tuning.methods.{entry}': not an entry of 'datasets.{ds}.methods'; "
-                f"valid values: {', '.join(section['methods'])}"
+                f"config key 'datasets.{ds}.tuning.methods.{entry}': not an entry of 'datasets.{ds}.methods' "
+                f"or 'datasets.{ds}.ablations.methods'; valid values: {', '.join(entries)}"
             )
         sizes[entry] = len(list(itertools.product(*grid.values())))
         for name in tuning_recipes(ds, entry, section):
@@ -445,9 +446,36 @@ def dense_folder(wildcards, input) -> str:
     return str(Path(input.dense_model).parent)
 
 
-def measured_folder(wildcards, input) -> str:
-    """The run a latency job times."""
-    return str(Path(input.model).parent)
+def measured_folders(wildcards, input) -> str:
+    """The runs a latency job times."""
+    return " ".join(str(Path(model).parent) for model in input.models)
+
+
+# ----------------------------------------------------------------- latency jobs
+def latency_groups() -> list[tuple[str, str]]:
+    """(dataset, backbone) pairs that get a latency rule: every backbone of every dataset with methods."""
+    return [
+        (ds, b) for ds, section in config["datasets"].items() if section.get("methods") for b in section["backbones"]
+    ]
+
+
+def latency_rule_name(ds: str, backbone: str) -> str:
+    return re.sub(r"\W", "_", f"latency_{ds}_{backbone}")
+
+
+def _seed_runs(ds: str, backbone: str) -> list[str]:
+    """The method runs of one seed (``{seed}`` left as a wildcard): the main table's, never ablations."""
+    return [
+        run_dir(ds, backbone, m, label(x), "{seed}") for m in dataset_cfg(ds)["methods"] for x in budgets(ds, backbone)
+    ]
+
+
+def latency_models(ds: str, backbone: str) -> list[str]:
+    return [f"{d}/model.pt" for d in _seed_runs(ds, backbone)]
+
+
+def latency_outputs(ds: str, backbone: str) -> list[str]:
+    return [f"{d}/latency_{{profile}}.json" for d in _seed_runs(ds, backbone)]
 
 
 # ----------------------------------------------------------------- resources
@@ -500,6 +528,19 @@ def latency_args(wildcards) -> str:
 def latency_gpus(wildcards) -> int:
     """A cuda profile asks the scheduler for one GPU (Slurm: --gpus 1)."""
     return int(profile_of(wildcards)["device"] == "cuda")
+
+
+def profile_device(wildcards, output) -> str:
+    """'present' or 'absent': whether the profile's device can be measured (a param: see
+    manidp.latency.device_state). An "unavailable" result is not final: when the device appears the
+    value changes and Snakemake re-runs the job. Jobs that run elsewhere (a cluster executor) get the
+    GPU they request."""
+    from manidp.latency import device_state
+
+    if not workflow.local_exec:
+        return "present"
+    device = profile_of(wildcards)["device"]
+    return "present" if all(device_state(device, out) == "present" for out in output) else "absent"
 
 
 def train_launcher(kind: str):
