@@ -396,3 +396,22 @@ def test_complexity_and_beta_use_the_unsmoothed_cross_entropy():
     beta = instance_weights(nn.functional.cross_entropy(logits, targets, reduction="none"), method.complexity)
     sparse = sum((beta * g.gate.saliency.mean(1)).mean() for g in method.gates)
     assert loss.item() == pytest.approx((smoothed + 0.1 * sparse).item(), rel=1e-5)
+
+
+def test_inference_gate_gives_the_training_gate_s_mask_bit_for_bit():
+    """The deployed form's gate folds relu/clamp/threshold into fewer ops; its mask must not move,
+    a saliency exactly at the threshold included (kept: pi >= threshold)."""
+    from manidp.methods.manidp import SaliencyGate
+
+    torch.manual_seed(0)
+    gate = SaliencyGate(16, 24, clamp_max=1.5).eval()
+    torch.nn.init.normal_(gate.fc2.weight, std=1.0)
+    torch.nn.init.normal_(gate.fc2.bias, std=0.5)
+    x = torch.randn(8, 16, 5, 5)
+    with torch.no_grad():
+        pi = torch.relu(gate.fc2(torch.relu(gate.fc1(x.mean((2, 3)))))).clamp(max=1.5)
+        for threshold in (-1e4, 0.0, 0.3, float(pi[pi > 0].median()), 1.5, 2.0):
+            gate.threshold.fill_(threshold)
+            expected, slim = gate(x), gate.inference_form()(x)
+            assert torch.equal(expected, slim), threshold
+            assert (expected == 0).any() or threshold <= 0

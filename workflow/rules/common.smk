@@ -464,10 +464,19 @@ def latency_rule_name(ds: str, backbone: str) -> str:
 
 
 def _seed_runs(ds: str, backbone: str) -> list[str]:
-    """The method runs of one seed (``{seed}`` left as a wildcard): the main table's, never ablations."""
+    """The method runs of one seed, the main table's (never ablations), as patterns: the dataset,
+    backbone and seed are wildcards (the rule pins the first two), so every input function of a
+    job sees them as it would in any other rule."""
     return [
-        run_dir(ds, backbone, m, label(x), "{seed}") for m in dataset_cfg(ds)["methods"] for x in budgets(ds, backbone)
+        run_dir("{dataset}", "{backbone}", m, label(x), "{seed}")
+        for m in dataset_cfg(ds)["methods"]
+        for x in budgets(ds, backbone)
     ]
+
+
+def latency_constraints(ds: str, backbone: str) -> dict[str, str]:
+    """Wildcard constraints that pin one latency rule to its (dataset, backbone)."""
+    return {"dataset": re.escape(ds), "backbone": re.escape(backbone)}
 
 
 def latency_models(ds: str, backbone: str) -> list[str]:

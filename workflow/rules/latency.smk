@@ -19,13 +19,15 @@ for _ds, _backbone in latency_groups():
             latency_rule_name(_ds, _backbone)
         input:
             models=latency_models(_ds, _backbone),
-            dense_model=f"runs/{_ds}/{_backbone}/dense/seed{{seed}}/model.pt",
+            dense_model="runs/{dataset}/{backbone}/dense/seed{seed}/model.pt",
         output:
             latency_outputs(_ds, _backbone),
         log:
-            f"results/logs/{_ds}/{_backbone}/latency/seed{{seed}}_{{profile}}.log",
+            "results/logs/{dataset}/{backbone}/latency/seed{seed}_{profile}.log",
         benchmark:
-            f"results/benchmarks/{_ds}/{_backbone}/latency/seed{{seed}}_{{profile}}.tsv"
+            "results/benchmarks/{dataset}/{backbone}/latency/seed{seed}_{profile}.tsv"
+        wildcard_constraints:
+            **latency_constraints(_ds, _backbone),
         conda:
             ENV_FILE
         # The profile's threads, reserved whole so concurrent jobs do not skew the timing.
