@@ -213,7 +213,7 @@ class _InferenceSaliencyGate(nn.Module):
 
     ``pi = clamp(relu(z), max=M)`` masked by ``pi >= t`` equals
     ``threshold(clamp(z, max=M), t', 0)`` with ``t'`` the float just below ``t``
-    (``threshold`` keeps values ``> t'``, i.e. ``>= t``), and when ``t > 0`` a
+    (``threshold`` keeps values ``> t'``, i.e. ``>= t``, in float32), and when ``t > 0`` a
     negative ``z`` falls below ``t'`` anyway, so the ReLU goes too: two ops
     instead of four (relu, clamp, lt, masked_fill). At batch 1 on small
     feature maps each op costs microseconds of dispatch, more than its
@@ -224,9 +224,10 @@ class _InferenceSaliencyGate(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = gate.fc1, gate.fc2
         self.clamp_max = float(gate.clamp_max)
-        threshold = float(gate.threshold)
-        self.relu = not threshold > 0
-        self.cut = math.nextafter(threshold, -math.inf)
+        threshold = gate.threshold.detach().float()
+        self.relu = not float(threshold) > 0
+        # The float32 just below t (what the comparison sees): the float64 neighbour would round back to t.
+        self.cut = float(torch.nextafter(threshold, torch.tensor(-math.inf)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.fc1.weight.dtype
