@@ -508,7 +508,7 @@ class _Deployed(nn.Module):
             gate = copy_model(site.gate).eval().float()
             if site.round_to:
                 gate = _RoundedGate(gate, site.round_to)
-            elif hasattr(gate, "inference_form"):
+            elif getattr(gate, "inference_form", None) is not None:
                 gate = gate.inference_form()  # the same mask in fewer ops (a method may offer one)
             self.add_module(f"gate{i}", gate)
         self.gate_channels = [site.in_channels for site in gates]

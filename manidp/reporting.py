@@ -452,7 +452,8 @@ def _footer(table: "pd.DataFrame", profiles: list[str], tolerance_pct: float) ->
     lines = ["Ours: mean ± standard deviation over n seeds; drops are differences to the dense model of the same "
              "seed (percentage points, positive = worse).", _budget_statement(table)]
     if profiles:
-        lines.append("Speed-up: dense time / deployed time, timed in one process per run (a dynamic method's "
+        lines.append("Speed-up: dense time / deployed time, both timed side by side (interleaved) in one process "
+                     "(a dynamic method's "
                      "deployed form skips pruned channels). Latency: per-instance ms, median over repeats with the "
                      "interquartile range over repeats in brackets, averaged over seeds. 'unavailable': the "
                      "profile's device was absent where it was measured.")
