@@ -273,6 +273,8 @@ _RULES: dict[str, Rule] = {
     "data.cache_dir": _text(nullable=True),
     "data.max_train": _number(1, integer=True, nullable=True),
     "data.max_eval": _number(1, integer=True, nullable=True),
+    "data.augment_rotation_deg": _number(0),
+    "data.augment_shift_px": _number(0),
     "tracking.enabled": _flag,
     "tracking.uri": _text(nullable=True),
     "tracking.experiment": _text(nullable=True),

@@ -284,3 +284,37 @@ def test_imagenet_fake_tree_loads(tmp_path, monkeypatch):
     assert again.val.indices == splits.val.indices
     with pytest.raises(UserError, match="data.imagenet_val_holdout"):
         build_dataset("imagenet", {"imagenet_val_holdout": 6})
+
+
+def test_digits_c_training_augmentation_warps_training_images_only(cache_dir, digits):
+    """data.augment_*: a fresh rotation/shift per read of a training image (reproducible under the seed,
+    batched through the loader), validation and test untouched; 0 = off; bad values and other datasets
+    are refused with the key named."""
+    from torch.utils.data import DataLoader
+
+    cfg = {"cache_dir": str(cache_dir), "augment_rotation_deg": 15, "augment_shift_px": 2}
+    aug = build_dataset("digits-c", cfg)
+    assert isinstance(aug.train, digits_c.Augmented) and aug.info["augment"] == {"rotation_deg": 15.0,
+                                                                                 "shift_px": 2.0}
+    for split in ("val", "test"):
+        assert torch.equal(getattr(aug, split).tensors[0], getattr(digits, split).tensors[0])
+    clean, label = digits.train[3]
+    torch.manual_seed(0)
+    first, first_label = aug.train[3]
+    second, _ = aug.train[3]
+    torch.manual_seed(0)
+    again, _ = aug.train[3]
+    assert first_label == label and first.shape == clean.shape
+    assert not torch.equal(first, clean) and not torch.equal(first, second) and torch.equal(first, again)
+    # The warp acts on the [0, 1] image: the background stays background (no value below it appears).
+    background = (0 - digits.info["normalization"]["mean"]) / digits.info["normalization"]["std"]
+    assert first.min() >= background - 1e-5
+    torch.manual_seed(1)
+    images, labels = next(iter(DataLoader(aug.train, batch_size=8)))
+    assert images.shape == (8, 1, 16, 16) and torch.equal(labels, digits.train.tensors[1][:8])
+    assert isinstance(build_dataset("digits-c", {**cfg, "augment_rotation_deg": 0, "augment_shift_px": 0}).train,
+                      TensorDataset)
+    with pytest.raises(UserError, match="data.augment_shift_px"):
+        build_dataset("digits-c", {**cfg, "augment_shift_px": -1})
+    with pytest.raises(UserError, match="digits-c only"):
+        build_dataset("cifar10", {"augment_rotation_deg": 10})

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from manidp._registry import Registry
+from manidp.errors import UserError
 
 DATASETS: Registry[Callable[..., "Splits"]] = Registry("dataset")
 register_dataset = DATASETS.register
@@ -36,4 +37,10 @@ class Splits:
 def build_dataset(name: str, data_cfg: Optional[dict] = None, seed: int = 0) -> Splits:
     """Build dataset ``name``; ``data_cfg`` is the config's ``data`` section."""
     builder = DATASETS.get(name)
-    return builder(data_cfg or {}, seed=seed)
+    data_cfg = data_cfg or {}
+    if name != "digits-c":
+        for key in ("augment_rotation_deg", "augment_shift_px"):
+            if data_cfg.get(key):
+                raise UserError(f"data.{key} applies to digits-c only ({name} trains with its own standard "
+                                f"augmentation); set it to 0")
+    return builder(data_cfg, seed=seed)

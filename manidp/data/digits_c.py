@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from manidp.data._registry import Splits, register_dataset
 from manidp.data._subset import limit_splits
@@ -245,11 +245,62 @@ def digits_c_tensors(data_cfg: dict) -> tuple[dict, Path, bool]:
     return data, path, False
 
 
+class Augmented(Dataset):
+    """Training-time augmentation of normalized digits-c images: a fresh random rotation (uniform in
+    +-``rotation_deg``) and shift (uniform in +-``shift_px`` per axis) each time an image is read.
+
+    Drawn from torch's global generator, which the engine seeds with the run's seed (data-loader
+    workers get their own seeded copies), so a run is reproducible. The warp acts on the [0, 1]
+    image (background 0), then the image is normalized again.
+    """
+
+    def __init__(self, base: Dataset, rotation_deg: float, shift_px: float, mean: float, std: float):
+        self.base, self.rotation_deg, self.shift_px = base, float(rotation_deg), float(shift_px)
+        self.mean, self.std = float(mean), float(std)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _warp(self, images: torch.Tensor) -> torch.Tensor:
+        n, size = len(images), images.shape[-1]
+        angle = (2 * torch.rand(n) - 1) * self.rotation_deg * (math.pi / 180)
+        offset = (2 * torch.rand(n, 2) - 1) * self.shift_px * (2 / size)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1), torch.stack([sin, cos, offset[:, 1]], 1)], 1)
+        raw = images * self.std + self.mean
+        grid = F.affine_grid(theta, list(raw.shape), align_corners=False)
+        warped = F.grid_sample(raw, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return (warped - self.mean) / self.std
+
+    def __getitem__(self, index):
+        image, label = self.base[index]
+        return self._warp(image[None])[0], label
+
+    def __getitems__(self, indices: list) -> list:
+        """A whole batch in one warp (the data loader asks for batches this way): one grid_sample call."""
+        samples = [self.base[i] for i in indices]
+        images = self._warp(torch.stack([image for image, _ in samples]))
+        return [(image, label) for image, (_, label) in zip(images, samples)]
+
+
+def _augmentation(data_cfg: dict) -> tuple[float, float]:
+    values = []
+    for key in ("augment_rotation_deg", "augment_shift_px"):
+        value = data_cfg.get(key) or 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise UserError(f"data.{key} must be a number >= 0 (0 = off), got {value!r}")
+        values.append(float(value))
+    return values[0], values[1]
+
+
 @register_dataset("digits-c")
 def build_digits_c(data_cfg: dict, seed: int = 0) -> Splits:
     """Build digits-c. ``seed`` (the training seed) is deliberately unused."""
     data, path, hit = digits_c_tensors(data_cfg)
     datasets = {s: TensorDataset(data[f"{s}_images"], data[f"{s}_labels"]) for s in SPLITS}
+    rotation, shift = _augmentation(data_cfg)
+    if rotation or shift:
+        datasets["train"] = Augmented(datasets["train"], rotation, shift, data["mean"], data["std"])
     splits = Splits(
         name="digits-c",
         **datasets,
@@ -263,6 +314,7 @@ def build_digits_c(data_cfg: dict, seed: int = 0) -> Splits:
             "generation": data["params"],
             "cache_path": str(path),
             "cache_hit": hit,
+            "augment": {"rotation_deg": rotation, "shift_px": shift},
         },
     )
     return limit_splits(splits, data_cfg)
