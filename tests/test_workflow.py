@@ -12,6 +12,7 @@ status polling overlap the local tests.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -376,6 +377,30 @@ def test_deleting_a_checkpoint_reruns_only_its_dependents(tiny_run, cache_env):
     assert (tiny_run / TINY_METHOD / "model.pt").is_file()
     assert dense_model.stat().st_mtime == dense_mtime
     _check_table(tiny_run)
+
+
+def test_an_unavailable_latency_is_measured_when_the_device_appears(tiny_run, cache_env, tmp_path):
+    """A cuda profile on a machine without a GPU records "unavailable"; re-running here does nothing,
+    and once the device is there (torch reports CUDA: faked here) the latency job is due again."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the profile is measured, not unavailable")
+    overlay = tmp_path / "cuda.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "hardware_profiles": {"cuda-bf16": {"device": "cuda", "threads": 1, "batch_size": 1, "dtype": "bf16"}},
+        "datasets": {"digits-c": {"hardware_profiles": ["cpu-1t", "cuda-bf16"]}}}))
+    target = f"{TINY_METHOD}/latency_cuda-bf16.json"
+    snakemake(tiny_run, target, "--configfile", str(overlay), env=cache_env)
+    assert json.loads((tiny_run / target).read_text())["status"] == "unavailable"
+    again = snakemake(tiny_run, target, "-n", "--configfile", str(overlay), env=cache_env)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    fake = tmp_path / "fake_cuda"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    env = {**cache_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(fake), cache_env.get("PYTHONPATH")]))}
+    appeared = snakemake(tiny_run, target, "-n", "--configfile", str(overlay), env=env)
+    assert "before: 'absent' now: 'present'" in appeared.stdout + appeared.stderr, appeared.stdout[-3000:]
 
 
 # ----------------------------------------------------------------- a real Slurm cluster

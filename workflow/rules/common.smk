@@ -539,17 +539,18 @@ def latency_gpus(wildcards) -> int:
     return int(profile_of(wildcards)["device"] == "cuda")
 
 
-def profile_device(wildcards, output) -> str:
+def profile_device(wildcards) -> str:
     """'present' or 'absent': whether the profile's device can be measured (a param: see
     manidp.latency.device_state). An "unavailable" result is not final: when the device appears the
     value changes and Snakemake re-runs the job. Jobs that run elsewhere (a cluster executor) get the
-    GPU they request."""
+    GPU they request. A function of the wildcards only: Snakemake records (and compares) only those."""
     from manidp.latency import device_state
 
     if not workflow.local_exec:
         return "present"
     device = profile_of(wildcards)["device"]
-    return "present" if all(device_state(device, out) == "present" for out in output) else "absent"
+    outputs = [p.format(**dict(wildcards.items())) for p in latency_outputs(wildcards.dataset, wildcards.backbone)]
+    return "present" if all(device_state(device, out) == "present" for out in outputs) else "absent"
 
 
 def train_launcher(kind: str):
