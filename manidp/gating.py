@@ -593,6 +593,25 @@ def _scatter_pooled(y: torch.Tensor, index: torch.Tensor, channels: int) -> torc
     return pooled.index_copy_(1, index, _pooled(y))
 
 
+def _add_channels(out: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``out.index_add_(1, index, z)``: ``z`` (the kept channels ``index``) added into ``out`` in place.
+
+    On channels_last tensors the channels are the innermost dimension, and
+    ``index_add_`` along dim 1 of the 4-D tensor takes a slow strided path
+    (resnet34 at 56x56: 258 us at 1 thread); the same sum on the ``[N*H*W, C]``
+    view of both tensors is 2-5x faster. Other layouts take ``index_add_``.
+    """
+    last = torch.channels_last
+    if out.dim() == 4 and out.is_contiguous(memory_format=last) and z.is_contiguous(memory_format=last):
+        try:  # view, never reshape: a copy would take the sum and drop it
+            rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])
+            rows.index_add_(1, index, z.permute(0, 2, 3, 1).view(-1, z.shape[1]))
+            return out
+        except RuntimeError:
+            pass
+    return out.index_add_(1, index, z)
+
+
 class DeployedBasicBlock(_Deployed):
     """A gated BasicBlock. Gathered: conv1 on the kept output channels (ReLU fused), conv2 on the
     kept input x kept output channels, its result added into the shortcut at the kept channels
@@ -631,7 +650,7 @@ class DeployedBasicBlock(_Deployed):
             self.w2.index_select(0, k2).index_select(1, k1), self.b2.index_select(0, k2), self.geo2, 1, y.shape, pack))
         z = _scale(conv2(y, False), m2, k2)
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act2(shortcut.index_add_(1, k2, z))
+        return self.act2(_add_channels(shortcut, k2, z))
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         g1, g2 = self.geo1, self.geo2

@@ -332,3 +332,18 @@ def test_round_to_is_validated():
         insert_gates(build_backbone("cifar_resnet20", 10, 3), PooledGate, round_to=0)
     with pytest.raises(UserError, match="saliency"):
         insert_gates(build_backbone("cifar_resnet20", 10, 3), PooledGate, round_to=8)
+
+
+@pytest.mark.parametrize("size", [7, 1])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_adding_kept_channels_equals_index_add(size, channels_last):
+    """The deployed BasicBlock's residual sum (a [N*H*W, C] view on channels_last) is index_add_'s, in place."""
+    from manidp.gating import _add_channels
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.randn(1, 12, size, size).contiguous(memory_format=fmt)
+    z = torch.randn(1, 5, size, size).contiguous(memory_format=fmt)
+    index = torch.tensor([0, 3, 4, 9, 11])
+    expected = out.clone().index_add_(1, index, z)
+    result = _add_channels(out, index, z)
+    assert result.data_ptr() == out.data_ptr() and torch.equal(out, expected)
