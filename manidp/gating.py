@@ -509,7 +509,7 @@ class _Deployed(nn.Module):
             if site.round_to:
                 gate = _RoundedGate(gate, site.round_to)
             elif getattr(gate, "inference_form", None) is not None:
-                gate = gate.inference_form()  # the same mask in fewer ops (a method may offer one)
+                gate = gate.inference_form().eval()  # the same mask in fewer ops (a method may offer one)
             self.add_module(f"gate{i}", gate)
         self.gate_channels = [site.in_channels for site in gates]
         self._fuse_gates()

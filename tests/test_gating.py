@@ -347,3 +347,27 @@ def test_adding_kept_channels_equals_index_add(size, channels_last):
     expected = out.clone().index_add_(1, index, z)
     result = _add_channels(out, index, z)
     assert result.data_ptr() == out.data_ptr() and torch.equal(out, expected)
+
+
+def test_manidp_gates_deploy_as_frozen_torchscript():
+    """The deployed ManiDP gate (its inference form) is frozen TorchScript on the gathered path, not the eager
+    fallback (a gate left in training mode cannot be frozen), and the deployed model equals the masked one."""
+    from manidp.methods.manidp import SaliencyGate
+
+    torch.manual_seed(0)
+    model = build_backbone("cifar_resnet20", 10, 3)
+    gates = insert_gates(model, SaliencyGate)
+    for site in gates:
+        nn.init.normal_(site.gate.fc2.weight, std=1.0)
+        site.gate.threshold.fill_(0.8)
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        masked = model(x)
+    deployed = deploy_model(model)
+    for block in deployed_blocks(deployed).values():
+        assert all(isinstance(gate, torch.jit.ScriptModule) for gate in block.fused)
+        block.path = "gathered"
+    with torch.no_grad():
+        out = torch.cat([deployed(x[i:i + 1].clone()) for i in range(len(x))])
+    assert _rel_error(out, masked) <= 1e-4

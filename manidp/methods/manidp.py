@@ -218,7 +218,7 @@ class SaliencyGate(nn.Module):
 
     def inference_form(self) -> nn.Module:
         """The same mask in fewer ops, for the deployed model (:class:`_InferenceSaliencyGate`)."""
-        return _InferenceSaliencyGate(self)
+        return _InferenceSaliencyGate(self).train(self.training)
 
 
 class _InferenceSaliencyGate(nn.Module):
