@@ -232,7 +232,8 @@ def _plan_summary(plan: dict) -> dict:
 
 
 def time_side_by_side(dense_eager: nn.Module, deployed: nn.Module, batches: Sequence[torch.Tensor],
-                      reference: torch.Tensor, warmup: int, repeats: int, clock: str = "wall") -> dict:
+                      reference: torch.Tensor, warmup: int, repeats: int, clock: str = "wall",
+                      dense_reference: Optional[tuple[nn.Module, dict]] = None) -> dict:
     """Time the eager dense model, the optimized dense reference and the deployed form side by side.
 
     A deployed form with gated blocks is made ready first
@@ -242,9 +243,11 @@ def time_side_by_side(dense_eager: nn.Module, deployed: nn.Module, batches: Sequ
     Returns the latency fields every report shares: times (ms, medians and
     spreads), ratios against the optimized dense reference and against eager
     dense, the dispatch plan and slice-cache counters (dynamic methods), and
-    the deployed outputs' relative error.
+    the deployed outputs' relative error. ``dense_reference``: the result of
+    :func:`optimized_dense` for ``dense_eager`` on ``batches``, when the caller
+    already built it (several runs timed against one dense model).
     """
-    dense, dense_info = optimized_dense(dense_eager, batches)
+    dense, dense_info = dense_reference or optimized_dense(dense_eager, batches)
     fields: dict = {"dense_reference": dense_info}
     cache = None
     if deployed_blocks(deployed):
@@ -279,8 +282,14 @@ def time_side_by_side(dense_eager: nn.Module, deployed: nn.Module, batches: Sequ
 def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[int] = None, batch_size: int = 1,
                    dtype: str = "fp32", instances: int = 32, repeats: int = 10, warmup: int = 3,
                    dense_run: Optional[str | Path] = None,
-                   slice_cache_mb: float = DEFAULT_SLICE_CACHE_MB) -> dict:
-    """Time a run's deployed model against the dense backbone; return the report (see module doc)."""
+                   slice_cache_mb: float = DEFAULT_SLICE_CACHE_MB, dense_cache: Optional[dict] = None) -> dict:
+    """Time a run's deployed model against the dense backbone; return the report (see module doc).
+
+    ``dense_cache``: a dict shared by the calls of one process that time
+    several runs against the same ``dense_run`` on the same images; the dense
+    model and its optimized reference are then loaded, traced and chosen once
+    (and every run is compared with the same reference).
+    """
     reason = device_unavailable(device)
     if reason:
         return {"status": "unavailable", "reason": reason, "device": device}
@@ -307,14 +316,22 @@ def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[i
         counter = InstanceMacs(model, splits.input_size, device)
         macs = method.instance_macs(model, counter, count)
         reference = model(images).float()
-    if dense_run:
-        dense = load_model(dense_run, device)[0]
-        dense_source = str(dense_run)
-    else:
-        dense = build_backbone(cfg["backbone"], saved["num_classes"], saved["input_size"][0])
-        dense_source = "same architecture, fresh weights"
-    dense = dense.to(device=device, dtype=DTYPES[dtype]).eval()
     batches = [images[i:i + batch_size].to(DTYPES[dtype]) for i in range(0, count, batch_size)]
+    key = (str(Path(dense_run).resolve()), device, dtype, batch_size, count, cfg["dataset"],
+           json.dumps(cfg["data"], sort_keys=True, default=str)) if dense_run else None
+    cached = dense_cache.get(key) if dense_cache is not None and key else None
+    if cached:
+        dense, dense_reference = cached
+    else:
+        if dense_run:
+            dense = load_model(dense_run, device)[0]
+        else:
+            dense = build_backbone(cfg["backbone"], saved["num_classes"], saved["input_size"][0])
+        dense = dense.to(device=device, dtype=DTYPES[dtype]).eval()
+        dense_reference = optimized_dense(dense, batches)
+        if dense_cache is not None and key:
+            dense_cache[key] = (dense, dense_reference)
+    dense_source = str(dense_run) if dense_run else "same architecture, fresh weights"
     report = {"status": "ok", "run": str(run_dir), "method": cfg["method"], "backbone": cfg["backbone"],
               "dataset": cfg["dataset"], "dense_source": dense_source, "instances": count}
     deployed = method.deploy(model).eval()
@@ -323,7 +340,8 @@ def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[i
         cast_deployed(deployed, device, DTYPES[dtype])
     else:
         deployed.to(device=device, dtype=DTYPES[dtype])
-    report.update(time_side_by_side(dense, deployed, batches, reference, warmup, repeats))
+    report.update(time_side_by_side(dense, deployed, batches, reference, warmup, repeats,
+                                    dense_reference=dense_reference))
     if dtype != "fp32":
         report["deployed_max_rel_error"] = None
     report.update({
@@ -374,9 +392,10 @@ def _run(args) -> int:
     for run_dir in args.run_dir:
         if not (Path(run_dir) / "model.pt").is_file():
             raise UserError(f"{run_dir}/model.pt not found: give finished run folders (manidp train writes them)")
+    dense_cache: dict = {}  # one dense model and reference for every run timed against it
     for run_dir in args.run_dir:
         report = latency_report(run_dir, args.device, args.threads, args.batch_size, args.dtype, args.instances,
-                                args.repeats, args.warmup, args.dense, args.slice_cache_mb)
+                                args.repeats, args.warmup, args.dense, args.slice_cache_mb, dense_cache)
         text = json.dumps(report, indent=2)
         if args.out:
             _write(Path(args.out), text)

@@ -118,6 +118,8 @@ def test_static_method_is_timed_with_the_dense_reference_s_optimizations(tmp_pat
     assert "dispatch_plan" not in report and report["dense_reference"]["mode"] in ("eager", "torchscript")
     gated = json.loads((gated_run / "latency_test.json").read_text())
     assert gated["status"] == "ok" and gated["method"] == "manidp" and gated["dispatch_plan"]
+    # One dense model and one optimized reference (chosen once) for every run of the call.
+    assert gated["dense_reference"] == report["dense_reference"]
     capsys.readouterr()
     # Several folders need --out-name; a path is not a name; a missing folder fails before any timing.
     assert main(["latency", str(run), str(gated_run), *flags, "--out", str(run / "x.json")]) == 2
