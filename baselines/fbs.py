@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from manidp.errors import UserError
-from manidp.gating import ChannelGate, deploy_model, insert_gates, kept_channels
+from manidp.gating import ChannelGate, GateKernel, deploy_model, insert_gates, kept_channels
 from manidp.macs import InstanceMacs
 from manidp.methods import Method, RunContext, default_param_groups, register_method
 
@@ -58,6 +58,10 @@ class SaliencyPredictor(nn.Module):
     def k(self) -> int:
         # The small slack keeps ceil(j / C * C) == j despite floating-point error.
         return max(1, math.ceil(float(self.density) * self.fc.out_features - 1e-6))
+
+    def kernel_spec(self) -> GateKernel:
+        """The same mask as one compiled op (:class:`manidp.gating.GateKernel`): pool |x|, fc, ReLU, top k."""
+        return GateKernel(self.fc.weight, self.fc.bias, relu_out=True, abs_pool=True, topk=self.k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         saliency = F.relu(self.fc(x.abs().mean((2, 3), dtype=torch.float32)))

@@ -86,6 +86,7 @@ What the machinery gives a method (the API FBS and ManiDP share):
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 import warnings
@@ -99,11 +100,12 @@ import torch.nn.functional as F
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models.resnet import BasicBlock, Bottleneck
 
+from manidp import kernels
 from manidp.errors import UserError
 from manidp.models.cifar_resnet import CifarBasicBlock
 
 __all__ = [
-    "GateFactory", "GateSpec", "ChannelGate", "BLOCKS", "register_gated_block", "insert_gates",
+    "GateFactory", "GateSpec", "ChannelGate", "GateKernel", "BLOCKS", "register_gated_block", "insert_gates",
     "gated_layers", "kept_channels", "round_kept", "copy_model", "deploy_model", "plan_deployment",
     "compile_deployed", "fold_batchnorm", "trace_and_freeze", "deployed_blocks", "slice_cache",
     "set_slice_cache_limit", "cast_deployed", "SliceCache", "DEFAULT_SLICE_CACHE_MB", "DeployedBasicBlock",
@@ -200,6 +202,46 @@ class _RoundedGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.gate(x)
         return round_kept(mask, self.gate.saliency, self.multiple)
+
+
+class GateKernel:
+    """A gate as one compiled op (``torch.ops.manidp.gate_scale_``, :mod:`manidp.kernels`).
+
+    A gate that can be written as ``pool -> Linear [-> ReLU -> Linear] ->
+    ReLU -> clamp -> threshold / top-k`` describes itself by returning one
+    from a ``kernel_spec()`` method (ManiDP's and FBS's gates do); the
+    deployed dense-then-mask path then runs gate and mask multiply as a single
+    call instead of about ten ATen ops. Weights are given as ``nn.Linear``
+    stores them (``[out, in]``) and kept transposed, fp32, detached.
+    ``abs_pool``: pool ``|x|`` (FBS); ``cut``: keep values ``> cut``;
+    ``topk``: keep only the ``topk`` largest (0: all). The mask must equal
+    the gate's own (up to fp32 rounding of the sums), which tests check.
+    """
+
+    def __init__(self, w1: torch.Tensor, b1: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
+                 b2: Optional[torch.Tensor] = None, relu_out: bool = True, abs_pool: bool = False,
+                 clamp_max: float = math.inf, cut: float = -math.inf, topk: int = 0):
+        def vector(t):
+            return None if t is None else t.detach().float().contiguous()
+
+        self.w1t = w1.detach().float().t().contiguous()
+        self.b1, self.b2 = vector(b1), vector(b2)
+        self.w2t = None if w2 is None else w2.detach().float().t().contiguous()
+        self.relu_out, self.abs_pool = bool(relu_out), bool(abs_pool)
+        self.clamp_max, self.cut, self.topk = float(clamp_max), float(cut), int(topk)
+
+    def __call__(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``target`` (in place) times the mask the gate computes from ``source``."""
+        if not kernels.available():
+            raise UserError(f"the compiled gate op is not available: {kernels.status()}")
+        return torch.ops.manidp.gate_scale_(source, target, self.w1t, self.b1, self.w2t, self.b2, self.relu_out,
+                                            self.abs_pool, self.clamp_max, self.cut, self.topk)
+
+    def runs_on(self, source: torch.Tensor, target: torch.Tensor) -> bool:
+        """Whether the op takes these tensors (CPU, fp32 or bf16, 4-D, weights on the CPU) and is built."""
+        return (source.is_cpu and target.is_cpu and self.w1t.is_cpu and source.dim() == 4 and target.dim() == 4
+                and source.dtype == target.dtype and target.dtype in (torch.float32, torch.bfloat16)
+                and kernels.available())
 
 
 @dataclass(frozen=True)
@@ -515,11 +557,13 @@ class _Deployed(nn.Module):
         self._fuse_gates()
 
     def _fuse_gates(self) -> None:
-        self.fused = []
+        self.fused, self.kernels = [], []
         for i, channels in enumerate(self.gate_channels):
             gate = getattr(self, f"gate{i + 1}").float()
             tensors = [*gate.parameters(), *gate.buffers()]
             self.fused.append(_fuse_gate(gate, channels, tensors[0].device if tensors else None))
+            spec = getattr(gate, "kernel_spec", None)
+            self.kernels.append(spec() if callable(spec) else None)
 
     def _gate(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Gate ``i``'s mask ``[B, C]`` for the (full-width) tensor it reads.
@@ -535,6 +579,19 @@ class _Deployed(nn.Module):
         if self.recorded is not None:
             self.recorded.append(mask)
         return mask
+
+    def _masked(self, i: int, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``target`` times gate ``i``'s mask of ``source``, in place (the dense-then-mask path).
+
+        One compiled op (:class:`GateKernel`) where the gate offers one and the
+        op runs here (CPU, fp32/bf16, built); else the gate's ATen ops and a
+        multiply. Masks being recorded (a plan counting kept channels) take
+        the ATen way, which returns them.
+        """
+        kernel = self.kernels[i]
+        if kernel is not None and self.recorded is None and kernel.runs_on(source, target):
+            return kernel(source, target)
+        return _scale(target, self._gate(i, source))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "gathered" and x.shape[0] == 1 and x.is_cpu:
@@ -654,9 +711,8 @@ class DeployedBasicBlock(_Deployed):
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         g1, g2 = self.geo1, self.geo2
-        y = _scale(self.act1(F.conv2d(x, self.w1, self.b1, g1.stride, g1.padding, g1.dilation)),
-                   self._gate(0, x))
-        z = _scale(F.conv2d(y, self.w2, self.b2, g2.stride, g2.padding, g2.dilation), self._gate(1, y))
+        y = self._masked(0, x, self.act1(F.conv2d(x, self.w1, self.b1, g1.stride, g1.padding, g1.dilation)))
+        z = self._masked(1, y, F.conv2d(y, self.w2, self.b2, g2.stride, g2.padding, g2.dilation))
         shortcut = x if self.downsample is None else self.downsample(x)
         return self.act2(z.add_(shortcut))
 
@@ -705,10 +761,8 @@ class DeployedBottleneck(_Deployed):
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         g1, g2, g3 = self.geo
-        y = _scale(self.act1(F.conv2d(x, self.w1, self.b1, g1.stride, g1.padding, g1.dilation)),
-                   self._gate(0, x))
-        y = _scale(self.act2(F.conv2d(y, self.w2, self.b2, g2.stride, g2.padding, g2.dilation)),
-                   self._gate(1, y))
+        y = self._masked(0, x, self.act1(F.conv2d(x, self.w1, self.b1, g1.stride, g1.padding, g1.dilation)))
+        y = self._masked(1, y, self.act2(F.conv2d(y, self.w2, self.b2, g2.stride, g2.padding, g2.dilation)))
         shortcut = x if self.downsample is None else self.downsample(x)
         return self.act3(F.conv2d(y, self.w3, self.b3, g3.stride, g3.padding, g3.dilation).add_(shortcut))
 
@@ -757,7 +811,7 @@ class DeployedInvertedResidual(_Deployed):
         g1, gd, g3 = self.geo
         y = self.act1(F.conv2d(x, self.w1, self.b1, g1.stride, g1.padding, g1.dilation))
         y = self.act2(F.conv2d(y, self.wd, self.bd, gd.stride, gd.padding, gd.dilation, self.wd.shape[0]))
-        y = _scale(y, self._gate(0, x))
+        y = self._masked(0, x, y)
         out = self.act3(F.conv2d(y, self.w3, self.b3, g3.stride, g3.padding, g3.dilation))
         return out.add_(x) if self.has_skip else out
 

@@ -30,6 +30,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from manidp import kernels
 from manidp.errors import UserError
 from manidp.gating import (DEFAULT_SLICE_CACHE_MB, cast_deployed, compile_deployed, deployed_blocks, fold_batchnorm,
                            plan_deployment, set_slice_cache_limit, slice_cache, trace_and_freeze)
@@ -253,7 +254,8 @@ def time_side_by_side(dense_eager: nn.Module, deployed: nn.Module, batches: Sequ
     if deployed_blocks(deployed):
         runnable, info = prepare_deployed(deployed, batches, dense_info["memory_format"], dense_info["mode"])
         cache = info["cache"]
-        fields.update(dispatch_plan=info["plan"], dispatch_summary=_plan_summary(info["plan"]))
+        fields.update(dispatch_plan=info["plan"], dispatch_summary=_plan_summary(info["plan"]),
+                      gate_kernel=kernels.status())
     else:
         runnable = _optimized_like_dense(deployed, batches, dense_info["memory_format"], dense_info["mode"])
     with torch.inference_mode():

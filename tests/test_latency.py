@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from manidp import kernels
 from manidp.cli import main
 from manidp.errors import UserError
 from manidp.latency import measure_latency
@@ -69,6 +70,8 @@ def test_latency_subcommand_writes_its_report(gated_run, dense_run, tmp_path, ca
     # the dispatch plan and the slice cache
     assert report["dispatch_plan"] and all(e["path"] in ("gathered", "dense") for e in report["dispatch_plan"].values())
     assert sum(report["dispatch_summary"].values()) == len(report["dispatch_plan"])
+    assert report["gate_kernel"] == kernels.status()  # which gate form ran: compiled op or ATen, and why
+    assert report["gate_kernel"].startswith(("compiled", "unavailable: ", "off "))
     cache = report["slice_cache"]
     assert cache["bytes"] <= cache["max_bytes"] and cache["hits"] + cache["misses"] >= 0
     assert json.loads(capsys.readouterr().out)["status"] == "ok"

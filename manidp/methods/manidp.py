@@ -170,7 +170,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from manidp.errors import UserError
-from manidp.gating import ChannelGate, deploy_model, gated_layers, insert_gates, kept_channels
+from manidp.gating import ChannelGate, GateKernel, deploy_model, gated_layers, insert_gates, kept_channels
 from manidp.macs import InstanceMacs
 from manidp.methods._base import Method, RunContext, default_param_groups, register_method
 
@@ -220,6 +220,10 @@ class SaliencyGate(nn.Module):
         """The same mask in fewer ops, for the deployed model (:class:`_InferenceSaliencyGate`)."""
         return _InferenceSaliencyGate(self).train(self.training)
 
+    def kernel_spec(self) -> GateKernel:
+        """This gate as one compiled op (:class:`manidp.gating.GateKernel`), for the deployed model."""
+        return self.inference_form().kernel_spec()
+
 
 class _InferenceSaliencyGate(nn.Module):
     """:class:`SaliencyGate`'s mask with the threshold folded into one op: what the deployed form runs.
@@ -241,6 +245,11 @@ class _InferenceSaliencyGate(nn.Module):
         self.relu = not float(threshold) > 0
         # The float32 just below t (what the comparison sees): the float64 neighbour would round back to t.
         self.cut = float(torch.nextafter(threshold, torch.tensor(-math.inf)))
+
+    def kernel_spec(self) -> GateKernel:
+        """pool -> fc1 -> ReLU -> fc2 -> ReLU -> clamp -> keep ``> cut``: the same mask as one op."""
+        return GateKernel(self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, relu_out=True,
+                          clamp_max=self.clamp_max, cut=self.cut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.fc1.weight.dtype

@@ -1,0 +1,176 @@
+"""The compiled gate op (manidp/kernels): same masks as the gates' own ATen code, and a clean fallback."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+from manidp import kernels
+from manidp.gating import GateKernel, compile_deployed, deploy_model, deployed_blocks, insert_gates, plan_deployment
+from manidp.models import build_backbone
+
+needs_compiler = pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler on this machine")
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """Kernel loading state reset around the test; builds go to an empty cache folder."""
+    monkeypatch.setenv("MANIDP_KERNEL_CACHE", str(tmp_path / "kernels"))
+    kernels._reset_for_tests()
+    yield tmp_path / "kernels"
+    kernels._reset_for_tests()
+
+
+def _manidp_gate(cin: int, cout: int, x: torch.Tensor, quantile: float):
+    from manidp.methods.manidp import SaliencyGate
+
+    gate = SaliencyGate(cin, cout, clamp_max=2.5).eval()
+    nn.init.normal_(gate.fc2.weight, std=1.0)
+    nn.init.normal_(gate.fc2.bias, mean=0.5, std=0.5)
+    with torch.no_grad():
+        gate.threshold.fill_(-1e4)
+        pi = gate(x)
+        values = pi[pi > 0].sort().values
+        k = int(quantile * (len(values) - 1))
+        gate.threshold.fill_(float(values[k] + values[k + 1]) / 2)  # between two values: no ties
+    return gate
+
+
+def _apply(gate, x, y):
+    with torch.no_grad():
+        return y * gate(x).to(y.dtype)[:, :, None, None]
+
+
+def _layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t.contiguous()
+
+
+@needs_compiler
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("quantile", [0.2, 0.6])
+def test_kernel_gives_manidp_s_masks(channels_last, quantile):
+    torch.manual_seed(1)
+    x = _layout(torch.randn(4, 16, 7, 7).relu(), channels_last)
+    y = _layout(torch.randn(4, 24, 5, 5), channels_last)
+    gate = _manidp_gate(16, 24, x, quantile)
+    expected = _apply(gate, x, y)
+    out = gate.kernel_spec()(x, y.clone())
+    assert ((out == 0) == (expected == 0)).all()
+    assert (expected == 0).any() and (expected != 0).any()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("density", [0.25, 0.5, 1.0])
+def test_kernel_gives_fbs_s_top_k_masks_on_signed_inputs(density):
+    from baselines.fbs import SaliencyPredictor
+
+    torch.manual_seed(2)
+    gate = SaliencyPredictor(12, 20).eval()
+    nn.init.normal_(gate.fc.weight, std=1.0)
+    gate.density.fill_(density)
+    x = _layout(torch.randn(3, 12, 6, 6), True)  # signed: the op must pool |x| as the predictor does
+    y = _layout(torch.randn(3, 20, 6, 6), True)
+    expected = _apply(gate, x, y)
+    out = gate.kernel_spec()(x, y.clone())
+    assert ((out != 0).sum((1, 2, 3)) == (expected != 0).sum((1, 2, 3))).all()
+    assert ((out == 0) == (expected == 0)).all()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+def test_kernel_keeps_gates_in_fp32_under_bf16():
+    """bf16 activations: the op pools and thresholds in fp32, as the deployed ATen path does."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 16, 8, 8).relu().bfloat16()
+    y = torch.randn(2, 16, 8, 8).bfloat16()
+    gate = _manidp_gate(16, 16, x.float(), 0.5)
+    with torch.no_grad():
+        mask = gate(x.float())
+    out = gate.kernel_spec()(x, y.clone())
+    assert ((out == 0) == ((y * mask.bfloat16()[:, :, None, None]) == 0)).all()
+    torch.testing.assert_close(out.float(), (y.float() * mask[:, :, None, None]), rtol=1e-2, atol=1e-2)
+
+
+@needs_compiler
+def test_kernel_refuses_mismatched_weights():
+    spec = GateKernel(torch.randn(8, 16))  # a gate for 16 input channels
+    with pytest.raises(RuntimeError, match="gate_scale_: w1t has 16 input rows, expected 12"):
+        spec(torch.randn(1, 12, 4, 4), torch.randn(1, 8, 4, 4))
+    with pytest.raises(RuntimeError, match="gate_scale_: w1t has 8 outputs, target 6 channels"):
+        spec(torch.randn(1, 16, 4, 4), torch.randn(1, 6, 4, 4))
+    assert not spec.runs_on(torch.randn(1, 16, 4, 4, dtype=torch.float64), torch.randn(1, 8, 4, 4))
+
+
+def _deployed_manidp(seed: int = 0):
+    from manidp.methods.manidp import SaliencyGate
+
+    torch.manual_seed(seed)
+    model = build_backbone("cifar_resnet20", 10, 3)
+    gates = insert_gates(model, SaliencyGate)
+    for site in gates:
+        nn.init.normal_(site.gate.fc2.weight, std=1.0)
+        site.gate.threshold.fill_(0.8)
+    return model.eval()
+
+
+@needs_compiler
+def test_deployed_dense_path_runs_one_op_per_gate_and_equals_the_masked_model():
+    model = _deployed_manidp()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        masked = model(x)
+        deployed = deploy_model(model)
+        plan_deployment(deployed, [x[:1].clone()], repeats=1)
+        for block in deployed_blocks(deployed).values():
+            block.path = "dense"
+        frozen = compile_deployed(deployed, x[:1].clone())
+        out = torch.cat([frozen(x[i:i + 1].clone()) for i in range(3)])
+    graph = str(frozen.inlined_graph if hasattr(frozen, "inlined_graph") else frozen.graph)
+    assert graph.count("manidp::gate_scale_") == 18  # 9 blocks x 2 gates, each one call
+    assert "aten::threshold" not in graph
+    assert (out - masked).abs().max() <= 1e-4 * masked.abs().max()
+
+
+@needs_compiler
+def test_switched_off_kernel_falls_back_to_aten_with_the_same_outputs(monkeypatch, fresh_state):
+    monkeypatch.setenv("MANIDP_FUSED_GATES", "0")
+    assert not kernels.available()
+    assert kernels.status().startswith("off (MANIDP_FUSED_GATES=0)")
+    model = _deployed_manidp()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        deployed = deploy_model(model)
+        for block in deployed_blocks(deployed).values():
+            block.path = "dense"
+        frozen = compile_deployed(deployed, x.clone())
+        out = frozen(x.clone())
+        expected = model(x)
+    assert "manidp::gate_scale_" not in str(frozen.inlined_graph)
+    assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_without_a_compiler_the_status_says_why(monkeypatch, fresh_state):
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    monkeypatch.setattr(kernels, "_registered", lambda: False)
+    assert kernels.load() is False
+    assert kernels.status() == "unavailable: no C++ compiler found (set CXX, or install g++); gates run as ATen ops"
+
+
+def test_a_failed_build_is_reported_not_raised(monkeypatch, fresh_state):
+    monkeypatch.setattr(kernels, "_registered", lambda: False)
+    monkeypatch.setattr(kernels, "_compiler", lambda: shutil.which("false") or "/bin/false")
+    assert kernels.load() is False
+    assert kernels.status().startswith("unavailable: the build failed (false:")
+    assert not list(fresh_state.glob("*.so"))  # nothing half-written left in the cache
+
+
+@needs_compiler
+def test_build_into_an_empty_cache(monkeypatch, fresh_state):
+    """The real build path: compile into an empty cache, then a second load finds it there."""
+    monkeypatch.setattr(kernels, "_registered", lambda: False)
+    library, how = kernels._build()
+    assert how == "built" and library.parent == fresh_state and library.stat().st_size > 0
+    assert kernels._build() == (library, "cached")
