@@ -1,19 +1,23 @@
-"""Deployed ManiDP on trained digits-c runs: the training gate against its inference form, side by side.
+"""Deployed ManiDP / FBS on trained digits-c runs: the gate forms side by side.
 
-For each run folder (a finished ``manidp`` run; its dense run is the sibling
-``dense/seed{N}`` folder), the optimized dense reference
-(:func:`manidp.latency.optimized_dense`) and two deployed forms are built and
+For each run folder (a finished ``manidp`` or ``fbs`` run; its dense run is the
+sibling ``dense/seed{N}`` folder), the optimized dense reference
+(:func:`manidp.latency.optimized_dense`) and the deployed forms are built and
 timed in one process, interleaved, on the first ``--instances`` test images:
 
-* ``training_gate``: the deployed model running the method's own gate
-  (pool, Linear, ReLU, Linear, ReLU, clamp, compare, masked fill);
-* ``inference_gate``: the same model with the gate's
-  ``inference_form()`` (ReLU, clamp and threshold folded into clamp + one
-  ``threshold`` op), the form ``manidp latency`` times.
+* ``training_gate`` (ManiDP only): the deployed model running the method's
+  own gate as ATen ops (pool, Linear, ReLU, Linear, ReLU, clamp, compare,
+  masked fill) and a multiply;
+* ``aten_gate``: the gate's leanest ATen form (ManiDP: ``inference_form()``,
+  ReLU, clamp and threshold folded into clamp + one ``threshold`` op; FBS: its
+  own gate) and a multiply;
+* ``compiled_gate``: each gate and its mask multiply as one compiled op
+  (``torch.ops.manidp.gate_scale_``, :mod:`manidp.kernels`), the form
+  ``manidp latency`` times where the op could be built.
 
-Both must give the same outputs bit for bit (checked). Output: one JSON
-object per run with medians (ms) and the speed against the optimized dense
-reference.
+The ATen forms must agree bit for bit (checked); the compiled one to fp32
+rounding (its relative error is printed). Output: one JSON object per run
+with medians (ms) and the speed against the optimized dense reference.
 
     python benchmarks/digits_c_gates.py runs/digits-c/cifar_resnet20/manidp-b0.55/seed0 --threads 2
 """
@@ -27,20 +31,29 @@ from unittest import mock
 
 import torch
 
+from manidp import kernels
 from manidp.data import build_dataset
 from manidp.engine import load_model
 from manidp.errors import UserError
+from manidp.gating import deployed_blocks
 from manidp.latency import measure_latency, optimized_dense, prepare_deployed
 from manidp.methods.manidp import SaliencyGate
 
 
-def _deployed(method, model, inputs, info, inference_gate: bool):
-    if inference_gate:
-        deployed = method.deploy(model).eval()
-    else:
+def _deployed(method, model, inputs, info, form: str):
+    if form == "training_gate":
         with mock.patch.object(SaliencyGate, "inference_form", None):
             deployed = method.deploy(model).eval()
+    else:
+        deployed = method.deploy(model).eval()
+    if form != "compiled_gate":
+        for block in deployed_blocks(deployed).values():
+            block.kernels = [None] * len(block.kernels)  # the ATen gate and a multiply
     return prepare_deployed(deployed, inputs, info["memory_format"], info["mode"])[0]
+
+
+def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 def compare(run: Path, instances: int, repeats: int) -> dict:
@@ -48,27 +61,33 @@ def compare(run: Path, instances: int, repeats: int) -> dict:
     if not (run / "model.pt").is_file() or not (dense_dir / "model.pt").is_file():
         raise UserError(f"{run} needs model.pt and a finished dense run at {dense_dir}")
     model, method, cfg, _ = load_model(run, "cpu")
-    if cfg["method"] != "manidp":
-        raise UserError(f"{run} is a {cfg['method']} run; this benchmark compares ManiDP's gate forms")
+    if cfg["method"] not in ("manidp", "fbs"):
+        raise UserError(f"{run} is a {cfg['method']} run; this benchmark compares ManiDP's and FBS's gate forms")
+    if not kernels.available():
+        raise UserError(f"the compiled gate op is needed here: {kernels.status()}")
     dense = load_model(dense_dir, "cpu")[0].eval()
     splits = build_dataset(cfg["dataset"], cfg["data"], seed=cfg["seed"])
     inputs = [splits.test[i][0][None] for i in range(min(instances, len(splits.test)))]
     reference, info = optimized_dense(dense, inputs)
-    forms = {name: _deployed(method, model, inputs, info, name == "inference_gate")
-             for name in ("training_gate", "inference_gate")}
+    names = (("training_gate",) if cfg["method"] == "manidp" else ()) + ("aten_gate", "compiled_gate")
+    forms = {name: _deployed(method, model, inputs, info, name) for name in names}
     with torch.inference_mode():
         outputs = {name: torch.cat([f(x.clone()) for x in inputs]) for name, f in forms.items()}
     times = measure_latency({"dense": reference, **forms}, inputs, warmup=3, repeats=repeats)
     ms = {name: statistics.median(t) for name, t in times.items()}
-    return {"run": str(run), "threads": torch.get_num_threads(), "dense_reference": f"{info['mode']}/"
-            f"{info['memory_format']}", "median_ms": ms,
-            "speed_vs_dense": {name: ms["dense"] / ms[name] for name in forms},
-            "identical_outputs": bool(torch.equal(outputs["training_gate"], outputs["inference_gate"]))}
+    result = {"run": str(run), "method": cfg["method"], "threads": torch.get_num_threads(),
+              "dense_reference": f"{info['mode']}/{info['memory_format']}", "median_ms": ms,
+              "speed_vs_dense": {name: ms["dense"] / ms[name] for name in forms},
+              "compiled_rel_error": _rel_error(outputs["compiled_gate"], outputs["aten_gate"]),
+              "gate_kernel": kernels.status()}
+    if "training_gate" in outputs:
+        result["aten_forms_identical"] = bool(torch.equal(outputs["training_gate"], outputs["aten_gate"]))
+    return result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="finished manidp run folders")
+    p.add_argument("runs", nargs="+", type=Path, help="finished manidp / fbs run folders")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--instances", type=int, default=16)
     p.add_argument("--repeats", type=int, default=15)
