@@ -90,22 +90,24 @@ def ablations(dense, gated, inputs, args, threads: int, macs_ratio: float) -> di
     ``full``: everything; ``no_slice_cache``: slices gathered (unpacked) on
     every call; ``eager_gates``: gates as eager modules, not frozen TorchScript;
     ``nchw``: NCHW activations instead of the dense reference's format;
-    ``no_dispatch``: every block gathered, nothing frozen. Ratios are against
-    the optimized dense reference.
+    ``no_dispatch``: every block gathered, nothing frozen; ``aten_ops``: no
+    compiled ops (:mod:`manidp.kernels`: gate, scale + pool, residual + ReLU
+    as ATen ops). Ratios are against the optimized dense reference.
     """
     reference, info = optimized_dense(dense, inputs)
     fmt, mode = info["memory_format"], info["mode"]
 
-    def variant(cache_mb=args.slice_cache_mb, memory_format=fmt, eager_gates=False):
+    def variant(cache_mb=args.slice_cache_mb, memory_format=fmt, eager_gates=False, compiled=True):
         deployed = deploy_model(gated, slice_cache_mb=cache_mb)
-        if eager_gates:
-            for block in deployed_blocks(deployed).values():
+        for block in deployed_blocks(deployed).values():
+            block.use_kernels = compiled
+            if eager_gates:
                 block.fused = [getattr(block, f"gate{i + 1}") for i in range(len(block.fused))]
         return prepare_deployed(deployed, inputs, memory_format, mode)[0]
 
     undispatched = deploy_model(gated, slice_cache_mb=args.slice_cache_mb).to(memory_format=MEMORY_FORMATS[fmt])
     models = {"dense_eager": dense, "dense": reference, "full": variant(), "no_slice_cache": variant(cache_mb=0),
-              "eager_gates": variant(eager_gates=True),
+              "eager_gates": variant(eager_gates=True), "aten_ops": variant(compiled=False),
               "nchw": variant(memory_format="contiguous" if fmt == "channels_last" else "channels_last"),
               "no_dispatch": InMemoryFormat(undispatched, fmt)}
     times = measure_latency(models, inputs, args.warmup, args.repeats, args.clock)

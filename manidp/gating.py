@@ -72,7 +72,10 @@ What the machinery gives a method (the API FBS and ManiDP share):
   convolutions times the masks: static shapes, no host synchronisation, so
   CUDA and batches > 1 run it). Gates run as one frozen TorchScript call on
   their fp32 pooled input; gate 2 of a gathered block reads the pool of
-  conv1's kept outputs, scattered into a C-long vector only.
+  conv1's kept outputs, scattered into a C-long vector only. On the CPU's
+  dense path a gate that offers ``kernel_spec()`` (a :class:`GateKernel`)
+  runs with its mask multiply as one compiled op (:mod:`manidp.kernels`),
+  else as ATen ops.
 * ``plan_deployment(deployed, inputs)``: per block, time both paths on the
   running hardware and keep the faster (the plan is returned, to record).
 * ``compile_deployed(deployed, example)``: freeze what is static (the whole
@@ -237,11 +240,22 @@ class GateKernel:
         return torch.ops.manidp.gate_scale_(source, target, self.w1t, self.b1, self.w2t, self.b2, self.relu_out,
                                             self.abs_pool, self.clamp_max, self.cut, self.topk)
 
+    def mask(self, source: torch.Tensor) -> torch.Tensor:
+        """The gate's mask ``[B, C_out]`` (fp32) of ``source`` (a feature map or its ``[B, C, 1, 1]``
+        pool), pool included, in one call (``torch.ops.manidp.gate_mask``)."""
+        if not kernels.available():
+            raise UserError(f"the compiled gate op is not available: {kernels.status()}")
+        return torch.ops.manidp.gate_mask(source, self.w1t, self.b1, self.w2t, self.b2, self.relu_out,
+                                          self.abs_pool, self.clamp_max, self.cut, self.topk)
+
+    def takes(self, source: torch.Tensor) -> bool:
+        """Whether the ops take this input (a 4-D fp32 or bf16 CPU map, weights on the CPU) and are built."""
+        return (source.is_cpu and self.w1t.is_cpu and source.dim() == 4
+                and source.dtype in (torch.float32, torch.bfloat16) and kernels.available())
+
     def runs_on(self, source: torch.Tensor, target: torch.Tensor) -> bool:
-        """Whether the op takes these tensors (CPU, fp32 or bf16, 4-D, weights on the CPU) and is built."""
-        return (source.is_cpu and target.is_cpu and self.w1t.is_cpu and source.dim() == 4 and target.dim() == 4
-                and source.dtype == target.dtype and target.dtype in (torch.float32, torch.bfloat16)
-                and kernels.available())
+        """Whether ``self(source, target)`` runs: both taken (:meth:`takes`), same dtype, 4-D CPU target."""
+        return target.is_cpu and target.dim() == 4 and source.dtype == target.dtype and self.takes(source)
 
 
 @dataclass(frozen=True)
@@ -541,6 +555,7 @@ class _Deployed(nn.Module):
         self.path = "gathered"
         self.cache = SliceCache(int(DEFAULT_SLICE_CACHE_MB * 2 ** 20))
         self.recorded: Optional[list] = None  # masks of dense calls, while a plan counts kept channels
+        self.use_kernels = True  # the compiled ops where they run (False: ATen only, to compare)
 
     def _set_gates(self, *gates: ChannelGate) -> None:
         """Keep the method's gates (fp32, eager: what a trace of the dense path inlines) and their fused
@@ -589,9 +604,17 @@ class _Deployed(nn.Module):
         the ATen way, which returns them.
         """
         kernel = self.kernels[i]
-        if kernel is not None and self.recorded is None and kernel.runs_on(source, target):
+        if kernel is not None and self.use_kernels and self.recorded is None and kernel.runs_on(source, target):
             return kernel(source, target)
         return _scale(target, self._gate(i, source))
+
+    def _mask_of(self, i: int, x: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        """Gate ``i``'s mask ``[1, C]`` on the gathered path, for a feature map ``x`` (or its pool, when
+        ``pooled``): one compiled op (pool included) where it runs, else the frozen gate on the pool."""
+        kernel = self.kernels[i]
+        if kernel is not None and self.use_kernels and kernel.takes(x):
+            return kernel.mask(x)
+        return self.fused[i](x if pooled else _pooled(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "gathered" and x.shape[0] == 1 and x.is_cpu:
@@ -650,6 +673,32 @@ def _scatter_pooled(y: torch.Tensor, index: torch.Tensor, channels: int) -> torc
     return pooled.index_copy_(1, index, _pooled(y))
 
 
+def _compiled_gathered(*tensors: torch.Tensor) -> bool:
+    """Whether the gathered path's compiled ops (``manidp::scale_pool_`` / ``add_channels_``) take these
+    tensors: batch-1 fp32 channels_last CPU maps, and the ops built (:mod:`manidp.kernels`)."""
+    return all(t.is_cpu and t.dtype == torch.float32 and t.shape[0] == 1 and t.dim() == 4
+               and t.is_contiguous(memory_format=torch.channels_last) for t in tensors) and kernels.available()
+
+
+def _scale_pool(y: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, channels: int,
+                compiled: bool = True) -> tuple:
+    """``y`` (the kept channels ``index``) times their mask values, in place, and the next gate's input
+    (the ``[1, C, 1, 1]`` pool, zeros at skipped channels): one compiled op where it runs, else four."""
+    if compiled and mask.dtype == torch.float32 and _compiled_gathered(y):
+        return y, torch.ops.manidp.scale_pool_(y, index, mask)
+    y = _scale(y, mask, index)
+    return y, _scatter_pooled(y, index, channels)
+
+
+def _residual_relu(out: torch.Tensor, index: torch.Tensor, z: torch.Tensor, mask: torch.Tensor,
+                   act: nn.Module, compiled: bool = True) -> torch.Tensor:
+    """``act(out + z * mask)`` at the kept channels ``index`` of ``out`` (in place): the end of a gathered
+    BasicBlock; one compiled pass when ``act`` is a ReLU and the op runs, else scale, index_add and act."""
+    if compiled and type(act) is nn.ReLU and mask.dtype == torch.float32 and _compiled_gathered(out, z):
+        return torch.ops.manidp.add_channels_(out, index, z, mask, True)
+    return act(_add_channels(out, index, _scale(z, mask, index)))
+
+
 def _add_channels(out: torch.Tensor, index: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``out.index_add_(1, index, z)``: ``z`` (the kept channels ``index``) added into ``out`` in place.
 
@@ -695,19 +744,19 @@ class DeployedBasicBlock(_Deployed):
         self.geo1, self.geo2 = _ConvGeometry.of(conv1), _ConvGeometry.of(conv2)
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
-        m1 = self.fused[0](_pooled(x))
+        m1 = self._mask_of(0, x)
         k1, key1 = self._kept(m1)
         conv1 = self._slice("conv1", (key1, x.shape), lambda pack: _SlicedConv(
             self.w1.index_select(0, k1), self.b1.index_select(0, k1), self.geo1, 1, x.shape, pack))
         y = conv1(x, self.relu1)
-        y = _scale(y if self.relu1 else self.act1(y), m1, k1)
-        m2 = self.fused[1](_scatter_pooled(y, k1, self.mid))
+        y, pooled = _scale_pool(y if self.relu1 else self.act1(y), m1, k1, self.mid, self.use_kernels)
+        m2 = self._mask_of(1, pooled, pooled=True)
         k2, key2 = self._kept(m2)
         conv2 = self._slice("conv2", (key1, key2, y.shape[2:]), lambda pack: _SlicedConv(
             self.w2.index_select(0, k2).index_select(1, k1), self.b2.index_select(0, k2), self.geo2, 1, y.shape, pack))
-        z = _scale(conv2(y, False), m2, k2)
+        z = conv2(y, False)
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act2(_add_channels(shortcut, k2, z))
+        return _residual_relu(shortcut, k2, z, m2, self.act2, self.use_kernels)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         g1, g2 = self.geo1, self.geo2
@@ -742,13 +791,13 @@ class DeployedBottleneck(_Deployed):
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         g1, g2, g3 = self.geo
-        m1 = self.fused[0](_pooled(x))
+        m1 = self._mask_of(0, x)
         k1, key1 = self._kept(m1)
         conv1 = self._slice("conv1", (key1, x.shape), lambda pack: _SlicedConv(
             self.w1.index_select(0, k1), self.b1.index_select(0, k1), g1, 1, x.shape, pack))
         y = conv1(x, self.relu1)
-        y = _scale(y if self.relu1 else self.act1(y), m1, k1)
-        m2 = self.fused[1](_scatter_pooled(y, k1, self.c1))
+        y, pooled = _scale_pool(y if self.relu1 else self.act1(y), m1, k1, self.c1, self.use_kernels)
+        m2 = self._mask_of(1, pooled, pooled=True)
         k2, key2 = self._kept(m2)
         conv2 = self._slice("conv2", (key1, key2, y.shape[2:]), lambda pack: _SlicedConv(
             self.w2.index_select(0, k2).index_select(1, k1), self.b2.index_select(0, k2), g2, 1, y.shape, pack))
@@ -794,7 +843,7 @@ class DeployedInvertedResidual(_Deployed):
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         g1, gd, g3 = self.geo
-        m = self.fused[0](_pooled(x))
+        m = self._mask_of(0, x)
         k, key = self._kept(m)
         pw = self._slice("pw", (key, x.shape), lambda pack: _SlicedConv(
             self.w1.index_select(0, k), self.b1.index_select(0, k), g1, 1, x.shape, pack))

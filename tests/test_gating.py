@@ -51,18 +51,33 @@ def _gated(name: str, input_size=None, seed: int = 0):
     return model.eval(), gates
 
 
-def _set_thresholds_between(model, gates, x, quantile: float = 0.5) -> None:
-    """Thresholds halfway between two observed values: no instance sits on a tie."""
+def _set_thresholds_between(model, gates, x, quantile: float = 0.5, settled: bool = False) -> None:
+    """Thresholds halfway between two observed values near ``quantile``: no instance sits on a tie.
+
+    ``settled`` (for comparisons of the deployed form with the masked model): the two values must be
+    at least 1e-4 of their scale apart, and the thresholds are set gate by gate in forward order, each
+    from a forward with the earlier ones in place, so the values a threshold was chosen between are
+    the values the gate sees. The deployed paths sum in other orders than the masked model, so a
+    saliency within ~1e-6 of its threshold may land on either side; settled thresholds have none.
+    """
     with torch.no_grad():
-        values = {}
-        handles = [g.gate.register_forward_hook(lambda m, a, out, g=g: values.__setitem__(g, out)) for g in gates]
-        model(x)
-        for h in handles:
-            h.remove()
-        for g in gates:
-            s = values[g].flatten().sort().values
-            k = int(quantile * (len(s) - 1))
-            g.gate.threshold = float((s[k] + s[k + 1]) / 2)
+        for group in ([g] for g in gates) if settled else [gates]:
+            seen = {}
+            handles = [g.gate.register_forward_hook(lambda m, a, out, g=g: seen.__setitem__(g, out)) for g in group]
+            try:
+                model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+            for g in group:
+                s = seen[g].flatten().sort().values
+                centre = int(quantile * (len(s) - 1))
+                k = centre
+                if settled:
+                    margin = 1e-4 * float(s.abs().max())
+                    nearest = sorted(range(len(s) - 1), key=lambda i: abs(i - centre))
+                    k = next((i for i in nearest if float(s[i + 1] - s[i]) >= margin), centre)
+                g.gate.threshold = float((s[k] + s[k + 1]) / 2)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -82,7 +97,7 @@ def test_gates_sit_where_the_reference_puts_them(name):
 def _masked_and_deployed(name: str, batch: int = 4):
     model, gates = _gated(name)
     x = torch.randn(batch, *FAMILIES[name][0])
-    _set_thresholds_between(model, gates, x)
+    _set_thresholds_between(model, gates, x, settled=True)
     with torch.no_grad():
         masked = model(x)
         kept = torch.stack([(g.mask != 0).float().mean() for g in gates])

@@ -174,3 +174,54 @@ def test_build_into_an_empty_cache(monkeypatch, fresh_state):
     library, how = kernels._build()
     assert how == "built" and library.parent == fresh_state and library.stat().st_size > 0
     assert kernels._build() == (library, "cached")
+
+
+def _gathered_case(seed: int = 4, channels: int = 24, kept: int = 9, size: int = 7):
+    torch.manual_seed(seed)
+    index = torch.randperm(channels)[:kept].sort().values
+    mask = torch.zeros(1, channels)
+    mask[0, index] = torch.rand(kept) + 0.5
+    z = torch.randn(1, kept, size, size).contiguous(memory_format=torch.channels_last)
+    out = torch.randn(1, channels, size, size).contiguous(memory_format=torch.channels_last)
+    return index, mask, z, out
+
+
+@needs_compiler
+def test_scale_pool_equals_scale_then_scattered_pool():
+    from manidp.gating import _scale, _scatter_pooled
+
+    index, mask, y, _ = _gathered_case()
+    expected_y = _scale(y.clone(), mask, index)
+    expected_pool = _scatter_pooled(expected_y, index, mask.shape[1])
+    assert kernels.available()
+    got_y = y.clone()
+    pooled = torch.ops.manidp.scale_pool_(got_y, index, mask)
+    torch.testing.assert_close(got_y, expected_y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pooled, expected_pool, rtol=1e-5, atol=1e-6)
+    assert pooled.shape == (1, mask.shape[1], 1, 1) and (pooled.flatten()[~(mask[0] != 0)] == 0).all()
+
+
+@needs_compiler
+@pytest.mark.parametrize("relu", [True, False])
+def test_add_channels_equals_scale_index_add_and_relu(relu):
+    from manidp.gating import _add_channels, _scale
+
+    index, mask, z, out = _gathered_case()
+    expected = _add_channels(out.clone(), index, _scale(z.clone(), mask, index))
+    if relu:
+        expected = expected.relu()
+    assert kernels.available()
+    got = torch.ops.manidp.add_channels_(out.clone(), index, z, mask, relu)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+def test_gathered_ops_refuse_what_they_cannot_take():
+    index, mask, z, out = _gathered_case()
+    assert kernels.available()
+    with pytest.raises(RuntimeError, match="channels_last"):
+        torch.ops.manidp.add_channels_(out.contiguous(), index, z, mask, True)
+    with pytest.raises(RuntimeError, match="out of range for 24 channels"):
+        torch.ops.manidp.add_channels_(out, index + 100, z, mask, True)
+    with pytest.raises(RuntimeError, match=r"mask must be a \[1, 24\]"):
+        torch.ops.manidp.scale_pool_(z.clone(), index, mask.expand(2, -1))

@@ -9,11 +9,13 @@ dispatches of ~1 us each, more than its arithmetic (digits-c: 18 gates
 against 0.4 ms of convolutions); the op is one dispatch.
 
 The source ships with the package and is compiled on first use with the
-machine's C++ compiler (``$CXX``, else ``c++``; about 6 s), against the
-installed torch's headers, into a cache folder
+machine's C++ compiler (``$CXX``, else ``c++``; about 6 s), for this CPU
+(``-march=native``) and against the installed torch's headers, into a cache
+folder
 (``$MANIDP_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/manidp/kernels``, else
 ``~/.cache/manidp/kernels``) under a name that hashes the source, the torch
-version and the command, so a torch upgrade rebuilds it. Concurrent
+version, the CPU's model and flags and the command, so a torch upgrade or
+another kind of CPU sharing the folder gets its own build. Concurrent
 processes each write to a temporary file and rename it into place.
 
 No compiler, a failed build or ``MANIDP_FUSED_GATES=0``: :func:`load`
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -56,11 +59,22 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def _cpu_identity() -> str:
+    """What ``-march=native`` compiles for: the CPU's model and feature flags (a cache folder shared by
+    different machines, e.g. a cluster's home, keeps one build per kind of CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(dict.fromkeys(wanted)) or platform.processor() or platform.machine()
+
+
 def _command(compiler: str, output: Path) -> list[str]:
     root = Path(torch.__file__).parent  # torch.utils.cpp_extension.include_paths() without its CUDA probing
     lib, include = root / "lib", root / "include"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [compiler, "-O3", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    return [compiler, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             f"-isystem{include}", f"-isystem{include / 'torch' / 'csrc' / 'api' / 'include'}", str(SOURCE),
             "-o", str(output),
             f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
@@ -72,7 +86,7 @@ def _build() -> tuple[Optional[Path], str]:
     if compiler is None:
         return None, "no C++ compiler found (set CXX, or install g++)"
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + torch.__version__.encode()
+    digest = hashlib.sha256(source + torch.__version__.encode() + _cpu_identity().encode()
                             + " ".join(_command(compiler, Path("out.so"))).encode()).hexdigest()[:16]
     folder = cache_dir()
     target = folder / f"gate_scale_{digest}.so"

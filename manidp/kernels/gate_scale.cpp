@@ -12,6 +12,7 @@
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -27,25 +28,40 @@ inline double value(T v, bool absolute) {
   return absolute && d < 0 ? -d : d;
 }
 
+// out[c] = mean over (h, w) of x[c * sc + h * sh + w * sw] (of |x| when absolute), accumulated in fp64.
+// Large maps split their rows (channels_last) or channels (otherwise) between torch's threads; called
+// inside a parallel region (a batch split by instance) it runs inline.
 template <typename T>
 void pool(const T* x, bool absolute, int64_t C, int64_t H, int64_t W, int64_t sc, int64_t sh, int64_t sw, float* out) {
-  std::vector<double> acc(C, 0.0);
+  const int64_t rows = H * W;
+  const double n = static_cast<double>(rows);
   if (sc == 1) {  // channels_last: one contiguous C-vector per position
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t w = 0; w < W; ++w) {
-        const T* row = x + h * sh + w * sw;
+    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    std::vector<double> partial(threads * C, 0.0);
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      double* acc = partial.data() + (threads > 1 ? at::get_thread_num() : 0) * C;
+      for (int64_t r = begin; r < end; ++r) {
+        const T* row = x + (r / W) * sh + (r % W) * sw;
         for (int64_t c = 0; c < C; ++c) acc[c] += value(row[c], absolute);
       }
-  } else {
+    });
     for (int64_t c = 0; c < C; ++c) {
-      double s = 0.0;
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t w = 0; w < W; ++w) s += value(x[c * sc + h * sh + w * sw], absolute);
-      acc[c] = s;
+      double total = 0.0;
+      for (int64_t t = 0; t < threads; ++t) total += partial[t * C + c];
+      out[c] = static_cast<float>(total / n);
     }
+  } else {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(rows, 1));
+    at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        double s = 0.0;
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t w = 0; w < W; ++w) s += value(x[c * sc + h * sh + w * sw], absolute);
+        out[c] = static_cast<float>(s / n);
+      }
+    });
   }
-  const double n = static_cast<double>(H * W);
-  for (int64_t c = 0; c < C; ++c) out[c] = static_cast<float>(acc[c] / n);
 }
 
 // y[j] = b[j] + sum_i x[i] * wt[i, j]  (wt: [in, out] row-major, so the inner loop is contiguous)
@@ -94,47 +110,88 @@ void check_bias(const c10::optional<at::Tensor>& b, int64_t out, const char* nam
               b->device().is_cpu(), "gate_scale_: ", name, " must be a contiguous fp32 CPU vector of ", out);
 }
 
+// A gate's layers and selection, checked against the source's channels; cout = the mask's length.
+struct Gate {
+  const float* w1;
+  const float* b1;
+  const float* w2;
+  const float* b2;
+  int64_t cin, hidden, cout;
+  bool relu_out, abs_pool;
+  float cmax, cut;
+  int64_t topk;
+};
+
+Gate make_gate(int64_t cin, const at::Tensor& w1t, const c10::optional<at::Tensor>& b1,
+               const c10::optional<at::Tensor>& w2t, const c10::optional<at::Tensor>& b2, bool relu_out,
+               bool abs_pool, double clamp_max, double cut, int64_t topk) {
+  check_weight(w1t, cin, "w1t");
+  check_bias(b1, w1t.size(1), "b1");
+  const bool two = w2t.has_value() && w2t->defined();
+  if (two) {
+    check_weight(*w2t, w1t.size(1), "w2t");
+    check_bias(b2, w2t->size(1), "b2");
+  }
+  TORCH_CHECK(topk >= 0, "gate_scale_: topk must be >= 0 (0: no top-k)");
+  return Gate{w1t.data_ptr<float>(), data_or_null(b1), two ? w2t->data_ptr<float>() : nullptr,
+              two ? data_or_null(b2) : nullptr, cin, w1t.size(1), two ? w2t->size(1) : w1t.size(1), relu_out,
+              abs_pool, static_cast<float>(clamp_max), static_cast<float>(cut), topk};
+}
+
+// The mask of one instance from its pooled input p (cin): written to out (cout); h, z: scratch.
+void mask_of(const Gate& g, const float* p, std::vector<float>& h, std::vector<float>& z,
+             std::vector<int64_t>& order, float* out) {
+  h.resize(g.hidden);
+  z.resize(g.cout);
+  linear(p, g.w1, g.b1, g.cin, g.hidden, h.data());
+  const float* raw = h.data();
+  if (g.w2) {
+    for (auto& v : h) v = v > 0.0f ? v : 0.0f;
+    linear(h.data(), g.w2, g.b2, g.hidden, g.cout, z.data());
+    raw = z.data();
+  }
+  for (int64_t c = 0; c < g.cout; ++c) {
+    float v = raw[c];
+    if (g.relu_out && v < 0.0f) v = 0.0f;
+    if (v > g.cmax) v = g.cmax;
+    out[c] = v > g.cut ? v : 0.0f;
+  }
+  if (g.topk > 0 && g.topk < g.cout) {  // keep the topk largest, ties by channel order
+    order.resize(g.cout);
+    std::iota(order.begin(), order.end(), 0);
+    std::nth_element(order.begin(), order.begin() + (g.topk - 1), order.end(),
+                     [&](int64_t a, int64_t c) { return out[a] > out[c] || (out[a] == out[c] && a < c); });
+    const float kth = out[order[g.topk - 1]];
+    const int64_t kth_index = order[g.topk - 1];
+    for (int64_t c = 0; c < g.cout; ++c)
+      if (out[c] < kth || (out[c] == kth && c > kth_index)) out[c] = 0.0f;
+  }
+}
+
+void check_source(const at::Tensor& source, const char* op) {
+  TORCH_CHECK(source.dim() == 4, op, ": source must be 4-D [B, C, H, W]");
+  TORCH_CHECK(source.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(source.scalar_type() == at::kFloat || source.scalar_type() == at::kBFloat16,
+              op, ": source must be fp32 or bf16");
+}
+
+// masks [B, cout] (fp32) of a batch; when target is given, target (in place) times them.
 template <typename T>
-void run(const at::Tensor& source, at::Tensor& target, const at::Tensor& w1t, const float* b1,
-         const at::Tensor* w2t, const float* b2, bool relu_out, bool abs_pool, double clamp_max, double cut, int64_t topk) {
-  const int64_t B = source.size(0), Cin = source.size(1), Cout = target.size(1);
-  const int64_t hidden = w1t.size(1);
+void run(const at::Tensor& source, const Gate& g, at::Tensor* target, float* masks) {
+  const int64_t B = source.size(0);
   const T* x = source.data_ptr<T>();
-  T* y = target.data_ptr<T>();
-  const float* w1 = w1t.data_ptr<float>();
-  const float* w2 = w2t ? w2t->data_ptr<float>() : nullptr;
-  const float cmax = static_cast<float>(clamp_max), cutf = static_cast<float>(cut);
+  T* y = target ? target->data_ptr<T>() : nullptr;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(Cin), h(hidden), z(Cout);
+    std::vector<float> p(g.cin), h, z, own;
     std::vector<int64_t> order;
     for (int64_t b = begin; b < end; ++b) {
-      pool(x + b * source.stride(0), abs_pool, Cin, source.size(2), source.size(3), source.stride(1), source.stride(2),
-           source.stride(3), p.data());
-      linear(p.data(), w1, b1, Cin, hidden, h.data());
-      float* out = h.data();
-      if (w2) {
-        for (auto& v : h) v = v > 0.0f ? v : 0.0f;
-        linear(h.data(), w2, b2, hidden, Cout, z.data());
-        out = z.data();
-      }
-      for (int64_t c = 0; c < Cout; ++c) {
-        float v = out[c];
-        if (relu_out && v < 0.0f) v = 0.0f;
-        if (v > cmax) v = cmax;
-        out[c] = v > cutf ? v : 0.0f;
-      }
-      if (topk > 0 && topk < Cout) {  // keep the topk largest, ties by channel order
-        order.resize(Cout);
-        std::iota(order.begin(), order.end(), 0);
-        std::nth_element(order.begin(), order.begin() + (topk - 1), order.end(),
-                         [&](int64_t a, int64_t c) { return out[a] > out[c] || (out[a] == out[c] && a < c); });
-        const float kth = out[order[topk - 1]];
-        const int64_t kth_index = order[topk - 1];
-        for (int64_t c = 0; c < Cout; ++c)
-          if (out[c] < kth || (out[c] == kth && c > kth_index)) out[c] = 0.0f;
-      }
-      scale(y + b * target.stride(0), Cout, target.size(2), target.size(3), target.stride(1), target.stride(2),
-            target.stride(3), out);
+      pool(x + b * source.stride(0), g.abs_pool, g.cin, source.size(2), source.size(3), source.stride(1),
+           source.stride(2), source.stride(3), p.data());
+      float* out = masks ? masks + b * g.cout : (own.resize(g.cout), own.data());
+      mask_of(g, p.data(), h, z, order, out);
+      if (y)
+        scale(y + b * target->stride(0), g.cout, target->size(2), target->size(3), target->stride(1),
+              target->stride(2), target->stride(3), out);
     }
   });
 }
@@ -143,31 +200,116 @@ at::Tensor& gate_scale_(const at::Tensor& source, at::Tensor& target, const at::
                         const c10::optional<at::Tensor>& b1, const c10::optional<at::Tensor>& w2t,
                         const c10::optional<at::Tensor>& b2, bool relu_out, bool abs_pool, double clamp_max, double cut,
                         int64_t topk) {
-  TORCH_CHECK(source.dim() == 4 && target.dim() == 4, "gate_scale_: source and target must be 4-D [B, C, H, W]");
-  TORCH_CHECK(source.device().is_cpu() && target.device().is_cpu(), "gate_scale_: CPU tensors only");
-  TORCH_CHECK(source.scalar_type() == target.scalar_type() &&
-              (source.scalar_type() == at::kFloat || source.scalar_type() == at::kBFloat16),
-              "gate_scale_: source and target must both be fp32 or both bf16");
+  check_source(source, "gate_scale_");
+  TORCH_CHECK(target.dim() == 4 && target.device().is_cpu(), "gate_scale_: target must be a 4-D CPU tensor");
+  TORCH_CHECK(source.scalar_type() == target.scalar_type(), "gate_scale_: source and target dtypes differ");
   TORCH_CHECK(source.size(0) == target.size(0), "gate_scale_: source and target batch sizes differ");
-  const int64_t Cin = source.size(1), Cout = target.size(1);
-  check_weight(w1t, Cin, "w1t");
-  check_bias(b1, w1t.size(1), "b1");
-  const bool two = w2t.has_value() && w2t->defined();
-  if (two) {
-    check_weight(*w2t, w1t.size(1), "w2t");
-    TORCH_CHECK(w2t->size(1) == Cout, "gate_scale_: w2t has ", w2t->size(1), " outputs, target ", Cout, " channels");
-    check_bias(b2, Cout, "b2");
-  } else {
-    TORCH_CHECK(w1t.size(1) == Cout, "gate_scale_: w1t has ", w1t.size(1), " outputs, target ", Cout, " channels");
-  }
-  TORCH_CHECK(topk >= 0, "gate_scale_: topk must be >= 0 (0: no top-k)");
+  const Gate g = make_gate(source.size(1), w1t, b1, w2t, b2, relu_out, abs_pool, clamp_max, cut, topk);
+  TORCH_CHECK(g.cout == target.size(1), "gate_scale_: ", g.w2 ? "w2t" : "w1t", " has ", g.cout,
+              " outputs, target ", target.size(1), " channels");
   if (source.numel() == 0 || target.numel() == 0) return target;
-  const at::Tensor* w2 = two ? &*w2t : nullptr;
-  if (source.scalar_type() == at::kFloat)
-    run<float>(source, target, w1t, data_or_null(b1), w2, data_or_null(b2), relu_out, abs_pool, clamp_max, cut, topk);
-  else
-    run<c10::BFloat16>(source, target, w1t, data_or_null(b1), w2, data_or_null(b2), relu_out, abs_pool, clamp_max, cut, topk);
+  if (source.scalar_type() == at::kFloat) run<float>(source, g, &target, nullptr);
+  else run<c10::BFloat16>(source, g, &target, nullptr);
   return target;
+}
+
+// The gate's mask [B, cout] (fp32) of source: the gathered path's gate, pool included, in one call.
+at::Tensor gate_mask(const at::Tensor& source, const at::Tensor& w1t, const c10::optional<at::Tensor>& b1,
+                     const c10::optional<at::Tensor>& w2t, const c10::optional<at::Tensor>& b2, bool relu_out,
+                     bool abs_pool, double clamp_max, double cut, int64_t topk) {
+  check_source(source, "gate_mask");
+  const Gate g = make_gate(source.size(1), w1t, b1, w2t, b2, relu_out, abs_pool, clamp_max, cut, topk);
+  at::Tensor masks = at::zeros({source.size(0), g.cout}, w1t.options());
+  if (source.numel() == 0) return masks;
+  if (source.scalar_type() == at::kFloat) run<float>(source, g, nullptr, masks.data_ptr<float>());
+  else run<c10::BFloat16>(source, g, nullptr, masks.data_ptr<float>());
+  return masks;
+}
+
+// ---------------------------------------------------------------- gathered path (batch 1)
+// The kept channels of a gathered block live in a tensor of K channels; index (int64, K) names them
+// among the C of the full width. Both ops work on channels_last maps ([H*W rows, K or C contiguous])
+// and split the rows between torch's threads.
+
+void check_gathered(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == 1 && t.device().is_cpu() && t.scalar_type() == at::kFloat &&
+              t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "manidp gathered op: ", name, " must be a batch-1 fp32 channels_last CPU tensor");
+}
+
+void check_index(const at::Tensor& index, int64_t K, int64_t C) {
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == K && index.scalar_type() == at::kLong && index.is_contiguous() &&
+              index.device().is_cpu(), "manidp gathered op: index must be a contiguous int64 CPU vector of ", K);
+  const int64_t* idx = index.data_ptr<int64_t>();
+  for (int64_t j = 0; j < K; ++j)
+    TORCH_CHECK(idx[j] >= 0 && idx[j] < C, "manidp gathered op: index ", idx[j], " out of range for ", C, " channels");
+}
+
+void check_mask(const at::Tensor& mask, int64_t C) {
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == 1 && mask.size(1) == C && mask.scalar_type() == at::kFloat &&
+              mask.device().is_cpu(), "manidp gathered op: mask must be a [1, ", C, "] fp32 CPU tensor");
+}
+
+// y (K kept channels) *= mask[index] in place; returns the fp32 global mean pool of the result scattered
+// into a [1, C, 1, 1] map (zeros at the skipped channels): the input of the block's next gate.
+at::Tensor scale_pool_(at::Tensor& y, const at::Tensor& index, const at::Tensor& mask) {
+  check_gathered(y, "y");
+  const int64_t K = y.size(1), C = mask.size(1), rows = y.size(2) * y.size(3);
+  check_mask(mask, C);
+  check_index(index, K, C);
+  const at::Tensor m = mask.contiguous();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  std::vector<float> s(K);
+  for (int64_t j = 0; j < K; ++j) s[j] = m.data_ptr<float>()[idx[j]];
+  float* data = y.data_ptr<float>();
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> partial(threads * K, 0.0);
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    double* acc = partial.data() + at::get_thread_num() * K;
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = data + r * K;
+      for (int64_t j = 0; j < K; ++j) {
+        row[j] *= s[j];
+        acc[j] += row[j];
+      }
+    }
+  });
+  at::Tensor pooled = at::zeros({1, C, 1, 1}, mask.options());
+  float* out = pooled.data_ptr<float>();
+  for (int64_t j = 0; j < K; ++j) {
+    double total = 0.0;
+    for (int64_t t = 0; t < threads; ++t) total += partial[t * K + j];
+    out[idx[j]] = static_cast<float>(total / static_cast<double>(rows));
+  }
+  return pooled;
+}
+
+// out[:, index[j]] += z[:, j] * mask[index[j]], then ReLU over out when relu: the residual sum of a
+// gathered block (out: the shortcut, C channels; z: the last conv's K kept outputs), one pass.
+at::Tensor& add_channels_(at::Tensor& out, const at::Tensor& index, const at::Tensor& z, const at::Tensor& mask,
+                          bool relu) {
+  check_gathered(out, "out");
+  check_gathered(z, "z");
+  const int64_t C = out.size(1), K = z.size(1), rows = out.size(2) * out.size(3);
+  TORCH_CHECK(z.size(2) == out.size(2) && z.size(3) == out.size(3), "manidp add_channels_: z and out sizes differ");
+  check_mask(mask, C);
+  check_index(index, K, C);
+  const at::Tensor m = mask.contiguous();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  std::vector<float> s(K);
+  for (int64_t j = 0; j < K; ++j) s[j] = m.data_ptr<float>()[idx[j]];
+  float* o = out.data_ptr<float>();
+  const float* zd = z.data_ptr<float>();
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = o + r * C;
+      const float* zr = zd + r * K;
+      for (int64_t j = 0; j < K; ++j) row[idx[j]] += zr[j] * s[j];
+      if (relu)
+        for (int64_t c = 0; c < C; ++c) row[c] = row[c] > 0.0f ? row[c] : 0.0f;
+    }
+  });
+  return out;
 }
 
 }  // namespace
@@ -175,6 +317,15 @@ at::Tensor& gate_scale_(const at::Tensor& source, at::Tensor& target, const at::
 TORCH_LIBRARY(manidp, m) {
   m.def("gate_scale_(Tensor source, Tensor(a!) target, Tensor w1t, Tensor? b1, Tensor? w2t, Tensor? b2, "
         "bool relu_out, bool abs_pool, float clamp_max, float cut, int topk) -> Tensor(a!)");
+  m.def("gate_mask(Tensor source, Tensor w1t, Tensor? b1, Tensor? w2t, Tensor? b2, bool relu_out, "
+        "bool abs_pool, float clamp_max, float cut, int topk) -> Tensor");
+  m.def("scale_pool_(Tensor(a!) y, Tensor index, Tensor mask) -> Tensor");
+  m.def("add_channels_(Tensor(a!) out, Tensor index, Tensor z, Tensor mask, bool relu) -> Tensor(a!)");
 }
 
-TORCH_LIBRARY_IMPL(manidp, CPU, m) { m.impl("gate_scale_", &gate_scale_); }
+TORCH_LIBRARY_IMPL(manidp, CPU, m) {
+  m.impl("gate_scale_", &gate_scale_);
+  m.impl("gate_mask", &gate_mask);
+  m.impl("scale_pool_", &scale_pool_);
+  m.impl("add_channels_", &add_channels_);
+}

@@ -158,7 +158,10 @@ validation top-1 at 0.55, seeds 0-2, lr 0.03): no_manifold lam 0.05
 
 **Deployment**: the deployed model runs :meth:`SaliencyGate.inference_form`,
 the same mask bit for bit in fewer ops (ReLU, clamp and the threshold's
-compare-and-fill folded into clamp + one ``threshold``).
+compare-and-fill folded into clamp + one ``threshold``); on the CPU's
+dense-then-mask path each gate and its mask multiply are one compiled op
+(:meth:`SaliencyGate.kernel_spec`, :mod:`manidp.kernels`; masks equal to fp32
+rounding of the sums).
 """
 from __future__ import annotations
 
