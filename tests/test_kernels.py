@@ -225,3 +225,27 @@ def test_gathered_ops_refuse_what_they_cannot_take():
         torch.ops.manidp.add_channels_(out, index + 100, z, mask, True)
     with pytest.raises(RuntimeError, match=r"mask must be a \[1, 24\]"):
         torch.ops.manidp.scale_pool_(z.clone(), index, mask.expand(2, -1))
+
+
+@needs_compiler
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_gate_mask_equals_the_gate_on_maps_and_on_pools(channels_last):
+    """The gathered path's gate op: the mask of a full map (pool included, split between threads on
+    large maps) and of a [B, C, 1, 1] pool equal the gate's own."""
+    from baselines.fbs import SaliencyPredictor
+
+    torch.manual_seed(5)
+    x = _layout(torch.randn(2, 16, 40, 40).relu(), channels_last)  # 25,600 values per map: a threaded pool
+    manidp = _manidp_gate(16, 24, x, 0.5)
+    fbs = SaliencyPredictor(16, 24).eval()
+    nn.init.normal_(fbs.fc.weight, std=1.0)
+    fbs.density.fill_(0.5)
+    for gate in (manidp, fbs):
+        with torch.no_grad():
+            expected = gate(x)
+        spec = gate.kernel_spec()
+        for source in (x, x.mean((2, 3), keepdim=True)):
+            got = spec.mask(source)
+            assert got.dtype == torch.float32 and got.shape == expected.shape
+            assert ((got == 0) == (expected == 0)).all()
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
