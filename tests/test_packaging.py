@@ -98,3 +98,15 @@ def test_workflow_environment_installs_this_package(tmp_path):
                             timeout=300)
     assert result.returncode == 0 and "Would install manidp-" in result.stdout, result.stdout + result.stderr
     assert PROJECT["license"]["text"] == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_package_data_ships_every_data_file_the_package_reads():
+    """A non-editable install carries what the code opens at run time: reference tables, configs and the
+    compiled ops' C++ source (without it the deployed gates would silently fall back to ATen ops)."""
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["manidp"]
+    shipped = {path for pattern in globs for path in (ROOT / "manidp").glob(pattern)}
+    from manidp import kernels
+
+    assert kernels.SOURCE in shipped
+    for folder, suffix in (("reference", ".csv"), ("configs", ".yaml")):
+        assert all(path in shipped for path in (ROOT / "manidp" / folder).glob(f"*{suffix}"))

@@ -1,12 +1,22 @@
-"""Compiled CPU kernels for the deployed models: one op per channel gate.
+"""Compiled CPU kernels for the deployed models: one op per gate and per block glue step.
 
-``torch.ops.manidp.gate_scale_(source, target, w1t, b1, w2t, b2, relu_out,
-abs_pool, clamp_max, cut, topk)`` runs a whole gate (global pool of
-``source``, one or two Linear layers, ReLU, clamp, threshold and/or top-k) and
-multiplies ``target``'s channels by the mask in place (``gate_scale.cpp``).
+``gate_scale.cpp`` registers, in the ``torch.ops.manidp`` namespace:
+
+* ``gate_scale_(source, target, w1t, b1, w2t, b2, relu_out, abs_pool,
+  clamp_max, cut, topk)``: a whole gate (global pool of ``source``, one or two
+  Linear layers, ReLU, clamp, threshold and/or top-k) and the multiply of
+  ``target``'s channels by its mask, in place: the dense-then-mask path.
+* ``gate_mask(source, ...)``: the same gate's mask ``[B, C]`` (fp32), pool
+  included (split between threads on large maps): the gathered path.
+* ``scale_pool_(y, index, mask)``: the kept channels ``y`` times their mask
+  values, in place, and the ``[1, C, 1, 1]`` pool the next gate reads.
+* ``add_channels_(out, index, z, mask, relu)``: the residual sum at the kept
+  channels (``z`` scaled by its mask values) and the ReLU, in one pass.
+
 At batch 1 on small feature maps a gate written as ATen ops is about ten
 dispatches of ~1 us each, more than its arithmetic (digits-c: 18 gates
-against 0.4 ms of convolutions); the op is one dispatch.
+against 0.4 ms of convolutions); each of these is one dispatch and one pass
+over memory. Arithmetic in fp32 (pools accumulate in fp64).
 
 The source ships with the package and is compiled on first use with the
 machine's C++ compiler (``$CXX``, else ``c++``; about 6 s), for this CPU
@@ -85,7 +95,10 @@ def _build() -> tuple[Optional[Path], str]:
     compiler = _compiler()
     if compiler is None:
         return None, "no C++ compiler found (set CXX, or install g++)"
-    source = SOURCE.read_bytes()
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as err:
+        return None, f"the kernel source is missing ({err}); reinstall the package"
     digest = hashlib.sha256(source + torch.__version__.encode() + _cpu_identity().encode()
                             + " ".join(_command(compiler, Path("out.so"))).encode()).hexdigest()[:16]
     folder = cache_dir()

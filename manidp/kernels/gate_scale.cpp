@@ -1,14 +1,16 @@
-// manidp::gate_scale_: a whole channel gate in one op, for the deployed dense-then-mask path.
+// The deployed models' compiled CPU ops (torch.ops.manidp.*), built and loaded by manidp/kernels/__init__.py.
 //
-// mask = select(min(act(L2(relu(L1(pool(source))))), clamp_max)); target *= mask (per instance, per
-// channel, in place). pool is the global mean (of |source| when abs_pool); L1 / L2 are Linear layers
-// given by their transposed weights ([in, out]) and optional biases (no second layer: L1 alone); act
-// is a ReLU when relu_out; select keeps values > cut (ManiDP's threshold) and, when topk > 0, only the
-// topk largest (FBS's winner-take-all; ties go to the lower channel).
+// gate_scale_ (dense-then-mask path): mask = select(min(act(L2(relu(L1(pool(source))))), clamp_max)), and
+// target *= mask (per instance, per channel, in place). pool is the global mean (of |source| when
+// abs_pool); L1 / L2 are Linear layers given by their transposed weights ([in, out]) and optional
+// biases (no second layer: L1 alone); act is a ReLU when relu_out; select keeps values > cut (ManiDP's
+// threshold) and, when topk > 0, only the topk largest (FBS's winner-take-all; ties go to the lower
+// channel). gate_mask (gathered path): the same mask, returned. scale_pool_ and add_channels_: the
+// gathered path's glue (see below).
 //
 // At batch 1 on small feature maps a gate written as ATen ops costs about ten dispatches of ~1 us
-// each; here it is one. Arithmetic in fp32 (the pool accumulates in fp64), whatever the activations'
-// dtype (fp32 or bf16), as the gates' contract requires. Built and loaded by manidp/kernels/__init__.py.
+// each; here it is one. Arithmetic in fp32 (pools accumulate in fp64), whatever the activations'
+// dtype (fp32 or bf16), as the gates' contract requires.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
