@@ -252,22 +252,30 @@ void check_mask(const at::Tensor& mask, int64_t C) {
               mask.device().is_cpu(), "manidp gathered op: mask must be a [1, ", C, "] fp32 CPU tensor");
 }
 
+// The mask values of the kept channels (checked): s[j] = mask[0, index[j]].
+std::vector<float> kept_scales(const at::Tensor& mask, const at::Tensor& index, int64_t K, int64_t C) {
+  check_mask(mask, C);
+  check_index(index, K, C);
+  const at::Tensor m = mask.contiguous();
+  const float* values = m.data_ptr<float>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  std::vector<float> s(K);
+  for (int64_t j = 0; j < K; ++j) s[j] = values[idx[j]];
+  return s;
+}
+
 // y (K kept channels) *= mask[index] in place; returns the fp32 global mean pool of the result scattered
 // into a [1, C, 1, 1] map (zeros at the skipped channels): the input of the block's next gate.
 at::Tensor scale_pool_(at::Tensor& y, const at::Tensor& index, const at::Tensor& mask) {
   check_gathered(y, "y");
   const int64_t K = y.size(1), C = mask.size(1), rows = y.size(2) * y.size(3);
-  check_mask(mask, C);
-  check_index(index, K, C);
-  const at::Tensor m = mask.contiguous();
+  const std::vector<float> s = kept_scales(mask, index, K, C);
   const int64_t* idx = index.data_ptr<int64_t>();
-  std::vector<float> s(K);
-  for (int64_t j = 0; j < K; ++j) s[j] = m.data_ptr<float>()[idx[j]];
   float* data = y.data_ptr<float>();
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   std::vector<double> partial(threads * K, 0.0);
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-    double* acc = partial.data() + at::get_thread_num() * K;
+    double* acc = partial.data() + (threads > 1 ? at::get_thread_num() : 0) * K;
     for (int64_t r = begin; r < end; ++r) {
       float* row = data + r * K;
       for (int64_t j = 0; j < K; ++j) {
@@ -294,12 +302,8 @@ at::Tensor& add_channels_(at::Tensor& out, const at::Tensor& index, const at::Te
   check_gathered(z, "z");
   const int64_t C = out.size(1), K = z.size(1), rows = out.size(2) * out.size(3);
   TORCH_CHECK(z.size(2) == out.size(2) && z.size(3) == out.size(3), "manidp add_channels_: z and out sizes differ");
-  check_mask(mask, C);
-  check_index(index, K, C);
-  const at::Tensor m = mask.contiguous();
+  const std::vector<float> s = kept_scales(mask, index, K, C);
   const int64_t* idx = index.data_ptr<int64_t>();
-  std::vector<float> s(K);
-  for (int64_t j = 0; j < K; ++j) s[j] = m.data_ptr<float>()[idx[j]];
   float* o = out.data_ptr<float>();
   const float* zd = z.data_ptr<float>();
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
