@@ -159,6 +159,13 @@ def test_without_a_compiler_the_status_says_why(monkeypatch, fresh_state):
     assert kernels.status() == "unavailable: no C++ compiler found (set CXX, or install g++); gates run as ATen ops"
 
 
+def test_a_cxx_that_is_no_program_is_named(monkeypatch, fresh_state):
+    monkeypatch.setattr(kernels, "_registered", lambda: False)
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    assert kernels.load() is False
+    assert kernels.status().startswith("unavailable: CXX=/nonexistent/g++ is not a program on this machine")
+
+
 def test_a_failed_build_is_reported_not_raised(monkeypatch, fresh_state):
     monkeypatch.setattr(kernels, "_registered", lambda: False)
     monkeypatch.setattr(kernels, "_compiler", lambda: shutil.which("false") or "/bin/false")

@@ -63,8 +63,12 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> Optional[str]:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
+    """``$CXX`` when set (None when it names no program: the user asked for that one), else the first
+    of c++, g++, clang++ on the PATH."""
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    for name in ("c++", "g++", "clang++"):
+        if shutil.which(name):
             return shutil.which(name)
     return None
 
@@ -93,6 +97,8 @@ def _command(compiler: str, output: Path) -> list[str]:
 def _build() -> tuple[Optional[Path], str]:
     """The built library (building it when the cache lacks it), or None and why not."""
     compiler = _compiler()
+    if compiler is None and os.environ.get("CXX"):
+        return None, f"CXX={os.environ['CXX']} is not a program on this machine (fix or unset CXX)"
     if compiler is None:
         return None, "no C++ compiler found (set CXX, or install g++)"
     try:
