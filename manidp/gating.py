@@ -206,6 +206,15 @@ class _RoundedGate(nn.Module):
         mask = self.gate(x)
         return round_kept(mask, self.gate.saliency, self.multiple)
 
+    def kernel_spec(self) -> Optional["GateKernel"]:
+        """The wrapped gate's compiled form with the rounding added (None when it has none)."""
+        spec = getattr(self.gate, "kernel_spec", None)
+        if not callable(spec):
+            return None
+        kernel = spec()
+        kernel.round_to = self.multiple
+        return kernel
+
 
 class GateKernel:
     """A gate as one compiled op (``torch.ops.manidp.gate_scale_``, :mod:`manidp.kernels`).
@@ -217,13 +226,15 @@ class GateKernel:
     call instead of about ten ATen ops. Weights are given as ``nn.Linear``
     stores them (``[out, in]``) and kept transposed, fp32, detached.
     ``abs_pool``: pool ``|x|`` (FBS); ``cut``: keep values ``> cut``;
-    ``topk``: keep only the ``topk`` largest (0: all). The mask must equal
+    ``topk``: keep only the ``topk`` largest (0: all); ``round_to``: then
+    round the kept count as :func:`round_kept` does (the pre-selection values
+    are its saliencies). The mask must equal
     the gate's own (up to fp32 rounding of the sums), which tests check.
     """
 
     def __init__(self, w1: torch.Tensor, b1: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
                  b2: Optional[torch.Tensor] = None, relu_out: bool = True, abs_pool: bool = False,
-                 clamp_max: float = math.inf, cut: float = -math.inf, topk: int = 0):
+                 clamp_max: float = math.inf, cut: float = -math.inf, topk: int = 0, round_to: int = 0):
         def vector(t):
             return None if t is None else t.detach().float().contiguous()
 
@@ -232,13 +243,14 @@ class GateKernel:
         self.w2t = None if w2 is None else w2.detach().float().t().contiguous()
         self.relu_out, self.abs_pool = bool(relu_out), bool(abs_pool)
         self.clamp_max, self.cut, self.topk = float(clamp_max), float(cut), int(topk)
+        self.round_to = int(round_to)  # kept counts rounded as round_kept does (0: not rounded)
 
     def __call__(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``target`` (in place) times the mask the gate computes from ``source``."""
         if not kernels.available():
             raise UserError(f"the compiled gate op is not available: {kernels.status()}")
         return torch.ops.manidp.gate_scale_(source, target, self.w1t, self.b1, self.w2t, self.b2, self.relu_out,
-                                            self.abs_pool, self.clamp_max, self.cut, self.topk)
+                                            self.abs_pool, self.clamp_max, self.cut, self.topk, self.round_to)
 
     def mask(self, source: torch.Tensor) -> torch.Tensor:
         """The gate's mask ``[B, C_out]`` (fp32) of ``source`` (a feature map or its ``[B, C, 1, 1]``
@@ -246,7 +258,7 @@ class GateKernel:
         if not kernels.available():
             raise UserError(f"the compiled gate op is not available: {kernels.status()}")
         return torch.ops.manidp.gate_mask(source, self.w1t, self.b1, self.w2t, self.b2, self.relu_out,
-                                          self.abs_pool, self.clamp_max, self.cut, self.topk)
+                                          self.abs_pool, self.clamp_max, self.cut, self.topk, self.round_to)
 
     def takes(self, source: torch.Tensor) -> bool:
         """Whether the ops take this input (a 4-D fp32 or bf16 CPU map, weights on the CPU) and are built."""

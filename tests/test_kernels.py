@@ -256,3 +256,26 @@ def test_gate_mask_equals_the_gate_on_maps_and_on_pools(channels_last):
             assert got.dtype == torch.float32 and got.shape == expected.shape
             assert ((got == 0) == (expected == 0)).all()
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_rounded_gates_round_in_the_kernel_as_round_kept_does(multiple):
+    """round_to: the kernel's masks equal the rounding gate's (kept counts multiples of 8 / 16)."""
+    from baselines.fbs import SaliencyPredictor
+    from manidp.gating import _RoundedGate
+
+    torch.manual_seed(6)
+    x = _layout(torch.randn(5, 16, 6, 6).relu(), True)
+    fbs = SaliencyPredictor(16, 40).eval()
+    nn.init.normal_(fbs.fc.weight, std=1.0)
+    fbs.density.fill_(0.3)
+    for gate in (_manidp_gate(16, 40, x, 0.55), fbs):
+        rounded = _RoundedGate(gate, multiple).eval()
+        with torch.no_grad():
+            expected = rounded(x)
+        counts = (expected != 0).sum(1)
+        assert ((counts % multiple == 0) | (counts == 40)).all()
+        got = rounded.kernel_spec().mask(x)
+        assert ((got == 0) == (expected == 0)).all()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -121,12 +121,12 @@ struct Gate {
   int64_t cin, hidden, cout;
   bool relu_out, abs_pool;
   float cmax, cut;
-  int64_t topk;
+  int64_t topk, round_to;
 };
 
 Gate make_gate(int64_t cin, const at::Tensor& w1t, const c10::optional<at::Tensor>& b1,
                const c10::optional<at::Tensor>& w2t, const c10::optional<at::Tensor>& b2, bool relu_out,
-               bool abs_pool, double clamp_max, double cut, int64_t topk) {
+               bool abs_pool, double clamp_max, double cut, int64_t topk, int64_t round_to) {
   check_weight(w1t, cin, "w1t");
   check_bias(b1, w1t.size(1), "b1");
   const bool two = w2t.has_value() && w2t->defined();
@@ -135,16 +135,46 @@ Gate make_gate(int64_t cin, const at::Tensor& w1t, const c10::optional<at::Tenso
     check_bias(b2, w2t->size(1), "b2");
   }
   TORCH_CHECK(topk >= 0, "gate_scale_: topk must be >= 0 (0: no top-k)");
+  TORCH_CHECK(round_to >= 0, "gate_scale_: round_to must be >= 0 (0 or 1: no rounding)");
   return Gate{w1t.data_ptr<float>(), data_or_null(b1), two ? w2t->data_ptr<float>() : nullptr,
               two ? data_or_null(b2) : nullptr, cin, w1t.size(1), two ? w2t->size(1) : w1t.size(1), relu_out,
-              abs_pool, static_cast<float>(clamp_max), static_cast<float>(cut), topk};
+              abs_pool, static_cast<float>(clamp_max), static_cast<float>(cut), topk, round_to};
 }
 
-// The mask of one instance from its pooled input p (cin): written to out (cout); h, z: scratch.
+// manidp.gating.round_kept for one instance: the kept count rounded to a multiple of g.round_to (halves
+// up, at most cout, at least one multiple when anything is kept); kept channels rank first (by mask
+// value), then the skipped ones by their pre-selection saliency sal, which becomes their scale.
+void round_kept(const Gate& g, const float* sal, std::vector<int64_t>& order, std::vector<float>& score, float* out) {
+  const int64_t C = g.cout, m = g.round_to;
+  int64_t count = 0;
+  float top = 0.0f;
+  for (int64_t c = 0; c < C; ++c) {
+    count += out[c] != 0.0f;
+    top = std::max(top, std::abs(sal[c]));
+  }
+  if (count == 0) return;
+  const int64_t target = std::max(std::min((count + m / 2) / m * m, C), m);
+  if (target >= C) {
+    for (int64_t c = 0; c < C; ++c) if (out[c] == 0.0f) out[c] = sal[c];
+    return;
+  }
+  score.resize(C);
+  for (int64_t c = 0; c < C; ++c) score[c] = out[c] != 0.0f ? sal[c] + (top + std::abs(out[c]) + 1.0f) : sal[c];
+  order.resize(C);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+  for (int64_t r = 0; r < C; ++r) {
+    const int64_t c = order[r];
+    out[c] = r < target ? (out[c] != 0.0f ? out[c] : sal[c]) : 0.0f;
+  }
+}
+
+// The mask of one instance from its pooled input p (cin): written to out (cout); h, z, sal: scratch.
 void mask_of(const Gate& g, const float* p, std::vector<float>& h, std::vector<float>& z,
-             std::vector<int64_t>& order, float* out) {
+             std::vector<int64_t>& order, std::vector<float>& sal, float* out) {
   h.resize(g.hidden);
   z.resize(g.cout);
+  sal.resize(g.cout);
   linear(p, g.w1, g.b1, g.cin, g.hidden, h.data());
   const float* raw = h.data();
   if (g.w2) {
@@ -156,6 +186,7 @@ void mask_of(const Gate& g, const float* p, std::vector<float>& h, std::vector<f
     float v = raw[c];
     if (g.relu_out && v < 0.0f) v = 0.0f;
     if (v > g.cmax) v = g.cmax;
+    sal[c] = v;
     out[c] = v > g.cut ? v : 0.0f;
   }
   if (g.topk > 0 && g.topk < g.cout) {  // keep the topk largest, ties by channel order
@@ -168,6 +199,7 @@ void mask_of(const Gate& g, const float* p, std::vector<float>& h, std::vector<f
     for (int64_t c = 0; c < g.cout; ++c)
       if (out[c] < kth || (out[c] == kth && c > kth_index)) out[c] = 0.0f;
   }
+  if (g.round_to > 1) round_kept(g, sal.data(), order, z, out);
 }
 
 void check_source(const at::Tensor& source, const char* op) {
@@ -184,13 +216,13 @@ void run(const at::Tensor& source, const Gate& g, at::Tensor* target, float* mas
   const T* x = source.data_ptr<T>();
   T* y = target ? target->data_ptr<T>() : nullptr;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(g.cin), h, z, own;
+    std::vector<float> p(g.cin), h, z, sal, own;
     std::vector<int64_t> order;
     for (int64_t b = begin; b < end; ++b) {
       pool(x + b * source.stride(0), g.abs_pool, g.cin, source.size(2), source.size(3), source.stride(1),
            source.stride(2), source.stride(3), p.data());
       float* out = masks ? masks + b * g.cout : (own.resize(g.cout), own.data());
-      mask_of(g, p.data(), h, z, order, out);
+      mask_of(g, p.data(), h, z, order, sal, out);
       if (y)
         scale(y + b * target->stride(0), g.cout, target->size(2), target->size(3), target->stride(1),
               target->stride(2), target->stride(3), out);
@@ -201,12 +233,12 @@ void run(const at::Tensor& source, const Gate& g, at::Tensor* target, float* mas
 at::Tensor& gate_scale_(const at::Tensor& source, at::Tensor& target, const at::Tensor& w1t,
                         const c10::optional<at::Tensor>& b1, const c10::optional<at::Tensor>& w2t,
                         const c10::optional<at::Tensor>& b2, bool relu_out, bool abs_pool, double clamp_max, double cut,
-                        int64_t topk) {
+                        int64_t topk, int64_t round_to) {
   check_source(source, "gate_scale_");
   TORCH_CHECK(target.dim() == 4 && target.device().is_cpu(), "gate_scale_: target must be a 4-D CPU tensor");
   TORCH_CHECK(source.scalar_type() == target.scalar_type(), "gate_scale_: source and target dtypes differ");
   TORCH_CHECK(source.size(0) == target.size(0), "gate_scale_: source and target batch sizes differ");
-  const Gate g = make_gate(source.size(1), w1t, b1, w2t, b2, relu_out, abs_pool, clamp_max, cut, topk);
+  const Gate g = make_gate(source.size(1), w1t, b1, w2t, b2, relu_out, abs_pool, clamp_max, cut, topk, round_to);
   TORCH_CHECK(g.cout == target.size(1), "gate_scale_: ", g.w2 ? "w2t" : "w1t", " has ", g.cout,
               " outputs, target ", target.size(1), " channels");
   if (source.numel() == 0 || target.numel() == 0) return target;
@@ -218,9 +250,9 @@ at::Tensor& gate_scale_(const at::Tensor& source, at::Tensor& target, const at::
 // The gate's mask [B, cout] (fp32) of source: the gathered path's gate, pool included, in one call.
 at::Tensor gate_mask(const at::Tensor& source, const at::Tensor& w1t, const c10::optional<at::Tensor>& b1,
                      const c10::optional<at::Tensor>& w2t, const c10::optional<at::Tensor>& b2, bool relu_out,
-                     bool abs_pool, double clamp_max, double cut, int64_t topk) {
+                     bool abs_pool, double clamp_max, double cut, int64_t topk, int64_t round_to) {
   check_source(source, "gate_mask");
-  const Gate g = make_gate(source.size(1), w1t, b1, w2t, b2, relu_out, abs_pool, clamp_max, cut, topk);
+  const Gate g = make_gate(source.size(1), w1t, b1, w2t, b2, relu_out, abs_pool, clamp_max, cut, topk, round_to);
   at::Tensor masks = at::zeros({source.size(0), g.cout}, w1t.options());
   if (source.numel() == 0) return masks;
   if (source.scalar_type() == at::kFloat) run<float>(source, g, nullptr, masks.data_ptr<float>());
@@ -322,9 +354,9 @@ at::Tensor& add_channels_(at::Tensor& out, const at::Tensor& index, const at::Te
 
 TORCH_LIBRARY(manidp, m) {
   m.def("gate_scale_(Tensor source, Tensor(a!) target, Tensor w1t, Tensor? b1, Tensor? w2t, Tensor? b2, "
-        "bool relu_out, bool abs_pool, float clamp_max, float cut, int topk) -> Tensor(a!)");
+        "bool relu_out, bool abs_pool, float clamp_max, float cut, int topk, int round_to) -> Tensor(a!)");
   m.def("gate_mask(Tensor source, Tensor w1t, Tensor? b1, Tensor? w2t, Tensor? b2, bool relu_out, "
-        "bool abs_pool, float clamp_max, float cut, int topk) -> Tensor");
+        "bool abs_pool, float clamp_max, float cut, int topk, int round_to) -> Tensor");
   m.def("scale_pool_(Tensor(a!) y, Tensor index, Tensor mask) -> Tensor");
   m.def("add_channels_(Tensor(a!) out, Tensor index, Tensor z, Tensor mask, bool relu) -> Tensor(a!)");
 }
