@@ -25,8 +25,9 @@ from the requested reduction on the gated model's MAC count, then checked on
 the validation split: if the measured reduction is off by more than a point
 (zero saliencies among the survivors save more), d is re-chosen on the
 validation split. The test split is never used for it. The predictor reads
-mean |x|, which equals the pooled mean the deployed form hands gate 2
-because that input is post-ReLU.
+mean |x| and says so (``pools_abs``), so the deployed form hands it the
+pool of |x|: mobilenetv2's gate reads a block input that is signed (a
+linear projection's output), where the pooled mean of x would differ.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ from manidp.methods import Method, RunContext, default_param_groups, register_me
 
 class SaliencyPredictor(nn.Module):
     """FBS's gate: g = ReLU(Linear(mean |x|)), then winner-take-all over the top ceil(d * C)."""
+
+    pools_abs = True  # reads mean |x| (manidp.gating's contract, item 2)
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()

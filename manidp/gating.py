@@ -11,8 +11,9 @@ saliency as the scale; a binary gate returns 0/1). Methods build gates with a
 
 1. ``gate(x) -> mask``, ``mask.shape == (B, C_out)``, ``mask >= 0``.
 2. The gate depends on ``x`` only through its global average pool
-   ``x.mean((2, 3))``: the deployed form computes a gate's input from the
-   kept channels alone and hands the gate a ``[B, C_in, 1, 1]`` map (fp32).
+   ``x.mean((2, 3))`` (or, for a gate with ``pools_abs = True``, that of
+   ``|x|``): the deployed form computes a gate's input from the kept
+   channels alone and hands the gate a ``[B, C_in, 1, 1]`` map (fp32).
 3. In eval mode the mask depends on the instance only (no batch statistics),
    so a batch-1 call gives the same mask as the same instance in a batch.
 
@@ -516,12 +517,15 @@ class SliceCache:
 DEFAULT_SLICE_CACHE_MB = 256.0
 
 
-def _pooled(x: torch.Tensor) -> torch.Tensor:
-    """The gate input: the fp32 global average pool as a ``[B, C, 1, 1]`` map (contract item 2).
+def _pooled(x: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+    """The gate input: the fp32 global average pool as a ``[B, C, 1, 1]`` map (contract item 2), of
+    ``|x|`` for a gate that pools magnitudes (``pools_abs``).
 
     fp32 whatever the activations' dtype: under bf16, whose spacing near 1 is
     2**-7, a saliency compared with its threshold would flip masks.
     """
+    if absolute:
+        x = x.abs()
     if x.dtype == torch.float32:
         return x.mean((2, 3), keepdim=True)  # one op; the dtype argument adds two (sum, divide)
     return x.mean((2, 3), keepdim=True, dtype=torch.float32)
@@ -581,6 +585,9 @@ class _Deployed(nn.Module):
                 gate = gate.inference_form().eval()  # the same mask in fewer ops (a method may offer one)
             self.add_module(f"gate{i}", gate)
         self.gate_channels = [site.in_channels for site in gates]
+        # a gate reading mean |x| (FBS) gets the pool of |x|: equal to mean x only for inputs >= 0, and
+        # a block input (mobilenetv2's, after a linear projection) can be negative
+        self.pools_abs = [bool(getattr(site.gate, "pools_abs", False)) for site in gates]
         self._fuse_gates()
 
     def _fuse_gates(self) -> None:
@@ -602,7 +609,7 @@ class _Deployed(nn.Module):
             gate = getattr(self, f"gate{i + 1}")
             mask = gate(x if x.dtype == torch.float32 else _pooled(x))
         else:
-            mask = self.fused[i](_pooled(x))
+            mask = self.fused[i](_pooled(x, self.pools_abs[i]))
         if self.recorded is not None:
             self.recorded.append(mask)
         return mask
@@ -626,7 +633,7 @@ class _Deployed(nn.Module):
         kernel = self.kernels[i]
         if kernel is not None and self.use_kernels and kernel.takes(x):
             return kernel.mask(x)
-        return self.fused[i](x if pooled else _pooled(x))
+        return self.fused[i](x if pooled else _pooled(x, self.pools_abs[i]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "gathered" and x.shape[0] == 1 and x.is_cpu:

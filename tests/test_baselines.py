@@ -263,6 +263,30 @@ def test_fbs_deployed_batch1_form_matches_the_masked_model():
                                    atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("path", ["gathered", "dense"])
+def test_fbs_deployed_mobilenetv2_pools_magnitudes_of_signed_block_inputs(path, compiled):
+    """mobilenetv2's gate reads the block input, the output of a linear projection (signed): FBS's
+    predictor reads mean |x|, so the deployed form must pool |x| there (compiled op or ATen), not x."""
+    from manidp.gating import deployed_blocks
+    from manidp.models import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone("mobilenetv2_100", 10, 3)
+    method = METHODS.get("fbs")({"density": 0.5}, 0.3)
+    method.prepare(model, _context(model, (3, 64, 64)))
+    for site in method.gates:
+        torch.nn.init.normal_(site.gate.fc.weight, std=1.0)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    deployed = method.deploy(model)
+    for block in deployed_blocks(deployed).values():
+        block.path, block.use_kernels = path, compiled
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat([deployed(x[i:i + 1].clone()) for i in range(2)]), model(x),
+                                   atol=1e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- timm resnet18 smoke
 @pytest.mark.parametrize("name", BASELINES)
 def test_resnet18_forward_backward_smoke(name):
