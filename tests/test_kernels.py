@@ -176,11 +176,14 @@ def test_a_failed_build_is_reported_not_raised(monkeypatch, fresh_state):
 
 @needs_compiler
 def test_build_into_an_empty_cache(monkeypatch, fresh_state):
-    """The real build path: compile into an empty cache, then a second load finds it there."""
+    """The real build path: compile into an empty cache, then a second load finds it there; a damaged
+    cached file (a copy cut short) is built again."""
     monkeypatch.setattr(kernels, "_registered", lambda: False)
     library, how = kernels._build()
     assert how == "built" and library.parent == fresh_state and library.stat().st_size > 0
     assert kernels._build() == (library, "cached")
+    library.write_bytes(b"half a library")
+    assert kernels._build() == (library, "built") and kernels._is_library(library)
 
 
 def _gathered_case(seed: int = 4, channels: int = 24, kept: int = 9, size: int = 7):

@@ -109,7 +109,7 @@ def _build() -> tuple[Optional[Path], str]:
                             + " ".join(_command(compiler, Path("out.so"))).encode()).hexdigest()[:16]
     folder = cache_dir()
     target = folder / f"gate_scale_{digest}.so"
-    if target.is_file():
+    if _is_library(target):
         return target, "cached"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -124,6 +124,15 @@ def _build() -> tuple[Optional[Path], str]:
     except (OSError, subprocess.TimeoutExpired) as err:
         return None, f"the build failed ({err})"
     return target, "built"
+
+
+def _is_library(path: Path) -> bool:
+    """A cached build that looks whole (a shared object's magic bytes); anything else is rebuilt."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) in (b"\x7fELF", b"\xcf\xfa\xed\xfe")  # ELF, Mach-O
+    except OSError:
+        return False
 
 
 def _registered() -> bool:
@@ -152,7 +161,8 @@ def load() -> bool:
     try:
         torch.ops.load_library(str(library))
     except (OSError, RuntimeError) as err:
-        _state["status"] = f"unavailable: loading {library.name} failed ({err}); gates run as ATen ops"
+        _state["status"] = (f"unavailable: loading {library} failed ({err}); delete it to rebuild; "
+                            "gates run as ATen ops")
         return False
     _state["status"] = f"compiled ({how}: {library})"
     return True
