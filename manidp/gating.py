@@ -607,7 +607,7 @@ class _Deployed(nn.Module):
         """
         if torch.jit.is_tracing():
             gate = getattr(self, f"gate{i + 1}")
-            mask = gate(x if x.dtype == torch.float32 else _pooled(x))
+            mask = gate(x if x.dtype == torch.float32 else _pooled(x, self.pools_abs[i]))
         else:
             mask = self.fused[i](_pooled(x, self.pools_abs[i]))
         if self.recorded is not None:
