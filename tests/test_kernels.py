@@ -153,6 +153,7 @@ def test_switched_off_kernel_falls_back_to_aten_with_the_same_outputs(monkeypatc
 
 
 def test_without_a_compiler_the_status_says_why(monkeypatch, fresh_state):
+    monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(kernels, "_compiler", lambda: None)
     monkeypatch.setattr(kernels, "_registered", lambda: False)
     assert kernels.load() is False
