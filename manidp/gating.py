@@ -71,12 +71,14 @@ What the machinery gives a method (the API FBS and ManiDP share):
   weight slices taken from a bounded LRU :class:`SliceCache` keyed by kept
   set and prepacked for oneDNN) and *dense-then-mask* (full-width folded
   convolutions times the masks: static shapes, no host synchronisation, so
-  CUDA and batches > 1 run it). Gates run as one frozen TorchScript call on
-  their fp32 pooled input; gate 2 of a gathered block reads the pool of
-  conv1's kept outputs, scattered into a C-long vector only. On the CPU's
-  dense path a gate that offers ``kernel_spec()`` (a :class:`GateKernel`)
-  runs with its mask multiply as one compiled op (:mod:`manidp.kernels`),
-  else as ATen ops.
+  CUDA and batches > 1 run it). On the CPU a gate that offers
+  ``kernel_spec()`` (a :class:`GateKernel`) runs as one compiled op
+  (:mod:`manidp.kernels`): pool included on the gathered path, with its mask
+  multiply on the dense path; the gathered path's scale-and-pool and
+  residual-sum-and-ReLU are compiled ops too. Otherwise (no compiler, other
+  devices) gates run as one frozen TorchScript call on their fp32 pooled
+  input. Gate 2 of a gathered block reads the pool of conv1's kept outputs,
+  scattered into a C-long vector only.
 * ``plan_deployment(deployed, inputs)``: per block, time both paths on the
   running hardware and keep the faster (the plan is returned, to record).
 * ``compile_deployed(deployed, example)``: freeze what is static (the whole
