@@ -1,7 +1,7 @@
 """Deployed ManiDP / FBS on trained digits-c runs: the gate forms side by side.
 
 For each run folder (a finished ``manidp`` or ``fbs`` run; its dense run is the
-sibling ``dense/seed{N}`` folder), the optimized dense reference
+sibling ``dense/seed{N}`` folder, or ``--dense DIR``), the optimized dense reference
 (:func:`manidp.latency.optimized_dense`) and the deployed forms are built and
 timed in one process, interleaved, on the first ``--instances`` test images:
 
@@ -56,8 +56,8 @@ def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
-def compare(run: Path, instances: int, repeats: int) -> dict:
-    dense_dir = run.parent.parent / "dense" / run.name
+def compare(run: Path, instances: int, repeats: int, dense_dir: Path | None = None) -> dict:
+    dense_dir = dense_dir or run.parent.parent / "dense" / run.name
     if not (run / "model.pt").is_file() or not (dense_dir / "model.pt").is_file():
         raise UserError(f"{run} needs model.pt and a finished dense run at {dense_dir}")
     model, method, cfg, _ = load_model(run, "cpu")
@@ -85,17 +85,18 @@ def compare(run: Path, instances: int, repeats: int) -> dict:
     return result
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="finished manidp / fbs run folders")
+    p.add_argument("--dense", type=Path, help="the dense run to compare with (default: the sibling dense/seedN)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--instances", type=int, default=16)
     p.add_argument("--repeats", type=int, default=15)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
         for run in args.runs:
-            print(json.dumps(compare(run, args.instances, args.repeats)))
+            print(json.dumps(compare(run, args.instances, args.repeats, args.dense)))
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
 

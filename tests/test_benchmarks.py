@@ -1,0 +1,66 @@
+"""The benchmark scripts the README documents run, report what they claim and refuse bad input cleanly.
+
+Timings here prove nothing (shared machine, one repeat); the checks are on the fields, on the deployed
+outputs' agreement with the masked model, and on the errors.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from manidp import kernels
+from test_manidp import trained_manidp_run
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resnet34_latency_reports_a_deployed_form_equal_to_the_masked_model(capsys, restore_threads):
+    script = _script("resnet34_latency")
+    assert script.main(["--threads", "1", "--repeats", "1", "--warmup", "0", "--instances", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert report["benchmark"] == "resnet34_latency" and report["threads"] == 1
+    assert abs(report["macs_ratio"] - 0.45) < 0.02  # 55 % fewer MACs requested
+    assert report["deployed_max_rel_error"] <= 1e-4
+    assert sum(report["dispatch_summary"].values()) == 16  # resnet34's 16 BasicBlocks, each planned
+    assert report["gate_kernel"] == kernels.status()
+    assert report["latency_ratio"] == pytest.approx(report["deployed_ms"] / report["dense_ms"])
+
+
+def test_resnet34_latency_refuses_a_bad_rounding(capsys):
+    with pytest.raises(SystemExit) as stop:
+        _script("resnet34_latency").main(["--round-to", "0"])
+    assert stop.value.code == 2 and "--round-to must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler on this machine (the script needs the ops)")
+def test_digits_c_gates_compares_the_gate_forms(tmp_path_factory, data_cache, dense_run, restore_threads):
+    run = trained_manidp_run(tmp_path_factory, data_cache, dense_run)
+    result = _script("digits_c_gates").compare(run, instances=2, repeats=1, dense_dir=dense_run)
+    assert result["method"] == "manidp"
+    assert set(result["speed_vs_dense"]) == {"training_gate", "aten_gate", "compiled_gate"}
+    assert result["aten_forms_identical"] is True  # ManiDP's two ATen gate forms, bit for bit
+    assert result["compiled_rel_error"] <= 1e-5
+    assert result["gate_kernel"].startswith("compiled")
+
+
+def test_digits_c_gates_refuses_a_folder_without_a_run(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="needs model.pt and a finished dense run"):
+        _script("digits_c_gates").main([str(tmp_path)])
