@@ -172,6 +172,8 @@ def _latency(path: Path) -> tuple[dict, str]:
     if _is_number(report.get("macs_ratio")):
         numbers["macs_ratio"] = float(report["macs_ratio"])
     numbers["hardware"] = _hardware(report)
+    if isinstance(report.get("gate_kernel"), str):  # which gate form the deployed model ran (manidp.kernels)
+        numbers["gate_kernel"] = report["gate_kernel"]
     return numbers, "ok"
 
 
@@ -275,6 +277,11 @@ def summarize_runs(runs: "pd.DataFrame", profiles: Iterable[str] = ()) -> "pd.Da
             row[f"latency_status_{p}"] = "ok" if statuses == {"ok"} else "; ".join(sorted(statuses))
             row[f"hardware_{p}"] = "; ".join(sorted(set(group.get(f"hardware_{p}", pd.Series()).dropna())))
         notes += [f"{p}: {n}" for p in profiles for n in sorted(set(group[f"note_{p}"].dropna()))]
+        # a deployed form that ran its gates as ATen ops (no compiler where it was timed) is slower than it
+        # needs to be: say so beside its speed-up
+        notes += [f"{p}: deployed gates ran as ATen ops, not the compiled ops ({k})" for p in profiles
+                  for k in sorted({k for k in group.get(f"gate_kernel_{p}", pd.Series()).dropna()
+                                   if not str(k).startswith("compiled")})]
         row["notes"] = "; ".join(n for n in notes if n)
         out.append(row)
     table = pd.DataFrame(out)
@@ -534,7 +541,7 @@ def write_per_seed(runs: "pd.DataFrame", out_csv: Path, profiles: list[str]) -> 
         columns.append(f"speedup_{p}")
         for key in _latency_columns(runs.columns, p):
             columns += [f"{key}_{p}", f"{key}_iqr_{p}"]
-        columns += [f"macs_ratio_{p}", f"note_{p}", f"hardware_{p}"]
+        columns += [f"macs_ratio_{p}", f"note_{p}", f"gate_kernel_{p}", f"hardware_{p}"]
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     runs.reindex(columns=columns + ["run_dir"]).sort_values(
         ["backbone", "budget", "method", "seed"], na_position="first", kind="stable").to_csv(

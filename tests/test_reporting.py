@@ -106,6 +106,20 @@ def test_table_means_stds_and_per_seed_gaps(digits_runs):
     assert not (table["source"] == "reported").any()
 
 
+def test_a_deployed_form_without_the_compiled_gate_ops_is_noted(tmp_path):
+    """Rows timed with ATen gates (no compiler where they ran) say so; compiled ones add nothing."""
+    runs = [make_run(tmp_path, "digits-c", "cifar_resnet20", "dense", 0, 85.0)]
+    for seed, kernel in enumerate(["compiled (built: /x.so)", "unavailable: no C++ compiler found"]):
+        runs.append(make_run(tmp_path, "digits-c", "cifar_resnet20", "fbs", seed, 84.0, budget=0.4,
+                             reduction=0.41, dynamic=True, latency={**ok_latency(0.9), "gate_kernel": kernel}))
+        runs.append(make_run(tmp_path, "digits-c", "cifar_resnet20", "manidp", seed, 84.0, budget=0.4,
+                             reduction=0.41, dynamic=True, latency={**ok_latency(0.9), "gate_kernel": "compiled"}))
+    table = reporting.build_table(reporting.load_runs(runs, ["cpu-2t"]), ["cpu-2t"]).set_index("method")
+    assert table.loc["fbs", "notes"] == ("cpu-2t: deployed gates ran as ATen ops, not the compiled ops "
+                                         "(unavailable: no C++ compiler found)")
+    assert "ATen" not in str(table.loc["manidp", "notes"])
+
+
 def test_markdown_and_latex(digits_runs, tmp_path):
     runs = reporting.load_runs(digits_runs, ["cpu-2t"])
     paths = reporting.write_table(reporting.build_table(runs, ["cpu-2t"]), tmp_path / "out" / "digits-c_table.csv",
@@ -273,7 +287,7 @@ def test_per_seed_csv(digits_runs, tmp_path):
     assert list(rows.columns[:6]) == ["dataset", "backbone", "method", "registered_method", "budget", "seed"]
     for column in ("test_top1", "test_top5", "macs_m", "macs_reduction_pct", "epochs", "optimizer_steps",
                    "speedup_cpu-2t", "deployed_ms_cpu-2t", "deployed_ms_iqr_cpu-2t", "dense_ms_cpu-2t",
-                   "note_cpu-2t", "hardware_cpu-2t", "run_dir"):
+                   "note_cpu-2t", "gate_kernel_cpu-2t", "hardware_cpu-2t", "run_dir"):
         assert column in rows.columns
     manidp = rows[rows["method"] == "manidp"].set_index("seed")
     assert manidp.loc[1, "speedup_cpu-2t"] == pytest.approx(2.5) and manidp.loc[1, "test_top1"] == pytest.approx(84.0)
