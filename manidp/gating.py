@@ -593,25 +593,43 @@ class _Deployed(nn.Module):
         self._fuse_gates()
 
     def _fuse_gates(self) -> None:
-        self.fused, self.kernels = [], []
-        for i, channels in enumerate(self.gate_channels):
-            gate = getattr(self, f"gate{i + 1}").float()
-            tensors = [*gate.parameters(), *gate.buffers()]
-            self.fused.append(_fuse_gate(gate, channels, tensors[0].device if tensors else None))
-            spec = getattr(gate, "kernel_spec", None)
+        """The compiled forms of the gates (None for a gate without ``kernel_spec``), and a reset of the frozen
+        TorchScript ones, which :attr:`fused` builds on first use: where the compiled ops run they are
+        never needed."""
+        self._fused = None
+        self.kernels = []
+        for i in range(len(self.gate_channels)):
+            spec = getattr(getattr(self, f"gate{i + 1}").float(), "kernel_spec", None)
             self.kernels.append(spec() if callable(spec) else None)
+
+    @property
+    def fused(self) -> list:
+        """Each gate as one frozen TorchScript call on its pooled input (:func:`_fuse_gate`), built once."""
+        if self._fused is None:
+            fused = []
+            for i, channels in enumerate(self.gate_channels):
+                gate = getattr(self, f"gate{i + 1}")
+                tensors = [*gate.parameters(), *gate.buffers()]
+                fused.append(_fuse_gate(gate, channels, tensors[0].device if tensors else None))
+            self._fused = fused
+        return self._fused
+
+    @fused.setter
+    def fused(self, gates: list) -> None:
+        self._fused = gates
 
     def _gate(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Gate ``i``'s mask ``[B, C]`` for the (full-width) tensor it reads.
 
         Inside a trace the eager gate is inlined into the frozen graph; in fp32
         it reads ``x`` itself (it pools anyway: one op fewer than pooling first).
+        Outside one, :meth:`_mask_of`.
         """
         if torch.jit.is_tracing():
             gate = getattr(self, f"gate{i + 1}")
             mask = gate(x if x.dtype == torch.float32 else _pooled(x, self.pools_abs[i]))
         else:
-            mask = self.fused[i](_pooled(x, self.pools_abs[i]))
+            mask = self._mask_of(i, x)
         if self.recorded is not None:
             self.recorded.append(mask)
         return mask
@@ -630,7 +648,7 @@ class _Deployed(nn.Module):
         return _scale(target, self._gate(i, source))
 
     def _mask_of(self, i: int, x: torch.Tensor, pooled: bool = False) -> torch.Tensor:
-        """Gate ``i``'s mask ``[1, C]`` on the gathered path, for a feature map ``x`` (or its pool, when
+        """Gate ``i``'s mask ``[B, C]`` outside a trace, for a feature map ``x`` (or its pool, when
         ``pooled``): one compiled op (pool included) where it runs, else the frozen gate on the pool."""
         kernel = self.kernels[i]
         if kernel is not None and self.use_kernels and kernel.takes(x):

@@ -225,14 +225,7 @@ class SaliencyGate(nn.Module):
 
     def kernel_spec(self) -> GateKernel:
         """This gate as one compiled op (:class:`manidp.gating.GateKernel`), for the deployed model."""
-        return GateKernel(self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, relu_out=True,
-                          clamp_max=float(self.clamp_max), cut=_kept_above(self.threshold))
-
-
-def _kept_above(threshold: torch.Tensor) -> float:
-    """The float32 just below ``threshold``: ``pi >= threshold`` is ``pi > cut`` in float32 (the float64
-    neighbour would round back to the threshold)."""
-    return float(torch.nextafter(threshold.detach().float(), torch.tensor(-math.inf)))
+        return _InferenceSaliencyGate(self).kernel_spec()
 
 
 class _InferenceSaliencyGate(nn.Module):
@@ -253,7 +246,8 @@ class _InferenceSaliencyGate(nn.Module):
         self.clamp_max = float(gate.clamp_max)
         threshold = gate.threshold.detach().float()
         self.relu = not float(threshold) > 0
-        self.cut = _kept_above(threshold)
+        # The float32 just below t (what the comparison sees): the float64 neighbour would round back to t.
+        self.cut = float(torch.nextafter(threshold, torch.tensor(-math.inf)))
 
     def kernel_spec(self) -> GateKernel:
         """pool -> fc1 -> ReLU -> fc2 -> ReLU -> clamp -> keep ``> cut``: the same mask as one op."""
