@@ -286,6 +286,74 @@ def test_imagenet_fake_tree_loads(tmp_path, monkeypatch):
         build_dataset("imagenet", {"imagenet_val_holdout": 6})
 
 
+def _ilsvrc(root, counts=None, fmt="JPEG"):
+    """train/ and val/ with class folders n00, n01, n02 of small images; ``counts`` maps
+    'split/class' to a number of images other than the default (3 in train, 2 in val)."""
+    counts = counts or {}
+    for split, default in (("train", 3), ("val", 2)):
+        for c in range(3):
+            folder = root / split / f"n0{c}"
+            folder.mkdir(parents=True)
+            for i in range(counts.get(f"{split}/n0{c}", default)):
+                Image.new("RGB", (32, 24), (90 * c, 40 * i, 120)).save(folder / f"{i}.{fmt}")
+    return root
+
+
+def test_imagenet_empty_train_class_folder_is_named(tmp_path):
+    """An empty train/n00 used to give a 3-output head while timm labelled 2 classes (indices shifted)."""
+    _ilsvrc(tmp_path, {"train/n00": 0})
+    with pytest.raises(UserError, match="holds no image file") as err:
+        build_dataset("imagenet", {"imagenet_path": str(tmp_path), "imagenet_val_holdout": 1})
+    assert f"'{tmp_path / 'train' / 'n00'}'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_imagenet_empty_val_class_folder_is_named(tmp_path):
+    _ilsvrc(tmp_path, {"val/n02": 0})
+    with pytest.raises(UserError, match="holds no image file") as err:
+        build_dataset("imagenet", {"imagenet_path": str(tmp_path), "imagenet_val_holdout": 1})
+    assert f"'{tmp_path / 'val' / 'n02'}'" in str(err.value)
+
+
+def test_imagenet_val_class_missing_from_train_is_named(tmp_path):
+    _ilsvrc(tmp_path)
+    (tmp_path / "val" / "n07").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "n07" / "0.JPEG")
+    with pytest.raises(UserError, match="no folder of the same name") as err:
+        build_dataset("imagenet", {"imagenet_path": str(tmp_path), "imagenet_val_holdout": 1})
+    assert f"'{tmp_path / 'val' / 'n07'}'" in str(err.value)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_imagenet_truncated_image_is_an_error_naming_the_file(tmp_path):
+    """timm would return the next sample (and its label) in its place, logging only "Skipped sample"."""
+    _ilsvrc(tmp_path)
+    bad = tmp_path / "val" / "n01" / "1.JPEG"
+    _truncate(bad)
+    splits = build_dataset("imagenet", {"imagenet_path": str(tmp_path), "imagenet_val_holdout": 2})
+    index = next(i for i, (f, _) in enumerate(splits.test.reader.samples) if f == str(bad))
+    with pytest.raises(UserError, match="cannot read image") as err:
+        splits.test[index]
+    assert f"'{bad}'" in str(err.value)
+
+
+def test_imagenet_unreadable_image_in_a_loader_worker_is_one_line(tmp_path):
+    """torch re-raises a worker's error with the worker's whole traceback as its message; still one line."""
+    from torch.utils.data import DataLoader
+
+    _ilsvrc(tmp_path)
+    bad = tmp_path / "train" / "n02" / "0.JPEG"
+    bad.write_bytes(b"not an image")
+    splits = build_dataset("imagenet", {"imagenet_path": str(tmp_path), "imagenet_val_holdout": 1})
+    with pytest.raises(UserError, match="cannot read image") as err:
+        for _ in DataLoader(splits.train, batch_size=2, num_workers=1):
+            pass
+    message = str(err.value)
+    assert f"'{bad}'" in message and "\n" not in message and "Traceback" not in message, message
+
+
 def test_digits_c_training_augmentation_warps_training_images_only(cache_dir, digits):
     """data.augment_*: a fresh rotation/shift per read of a training image (reproducible under the seed,
     batched through the loader), validation and test untouched; 0 = off; bad values and other datasets

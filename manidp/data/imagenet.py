@@ -9,15 +9,26 @@ eval transform; the official ``val/`` folder is the test split. Transforms are
 timm's standard ones for ``data.image_size`` (default 224).
 
 The layout is checked before timm scans anything, so a wrong path gives one
-clear :class:`UserError` instead of a timm stack trace.
+clear :class:`UserError` instead of a timm stack trace. The class list and its
+label map are built here once, from the class folders of ``train/``, and given
+to the dataset of every split: a label means the same class in all of them, and
+a class folder that holds no image, or a ``val/`` class that ``train/`` lacks,
+is an error naming the folder instead of labels that silently shift. An image
+that cannot be decoded is an error naming its file (timm would substitute the
+next sample, with that sample's label).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from collections import Counter
+
 import torch
-from timm.data import create_dataset, create_transform, resolve_data_config
+from PIL import Image
+from timm.data import ImageDataset, create_transform, resolve_data_config
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.utils.misc import natural_key
 from torch.utils.data import Dataset
 
 from manidp.data._registry import Splits, register_dataset
@@ -27,6 +38,47 @@ from manidp.errors import UserError
 ENV_VAR = "MANIDP_IMAGENET"
 _HINT = (f"set data.imagenet_path (or the env var {ENV_VAR}) to the ILSVRC-2012 folder "
          "that holds train/ and val/, each with one subfolder per class")
+
+
+class UnreadableImage(UserError):
+    """An image file that cannot be opened or decoded.
+
+    Raised inside a DataLoader worker, torch re-raises it in the training
+    process as ``UnreadableImage(text)`` where ``text`` is the worker's whole
+    formatted traceback; the message is its last line, so the command line
+    still prints one line that names the file.
+    """
+
+    def __init__(self, message: str):
+        if "\nOriginal Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.partition(": ")[2] or last
+        super().__init__(message)
+
+
+class StrictImageDataset(ImageDataset):
+    """timm's folder dataset without its silent substitution of unreadable samples.
+
+    timm logs "Skipped sample" and returns the next image with the next
+    image's label instead; a benchmark must not score a different sample than
+    it counts, so a file that cannot be read stops the run and is named.
+    """
+
+    def __getitem__(self, index: int):
+        path = self.reader.filename(index, absolute=True)
+        try:
+            fileobj, target = self.reader[index][:2]
+            with fileobj, Image.open(fileobj) as opened:
+                image = opened.convert(self.input_img_mode)
+        # Any failure to open or decode (PIL raises OSError, SyntaxError, ValueError,
+        # DecompressionBombError depending on the damage) means the same thing here.
+        except Exception as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise UnreadableImage(f"imagenet: cannot read image '{path}' ({reason}); replace the file with "
+                                  "an intact copy or delete it") from None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
 
 
 class HoldoutView(Dataset):
@@ -68,15 +120,40 @@ def _check_layout(data_cfg: dict) -> tuple[Path, list[str]]:
                         f"{' and no '.join(missing)} (found: {_found(path)}); {_HINT}")
     classes = {}
     for split in ("train", "val"):
-        classes[split] = sorted(d.name for d in (path / split).iterdir() if d.is_dir())
+        # timm's own order (natural sort), so labels match those of timm's class maps.
+        classes[split] = sorted((d.name for d in (path / split).iterdir() if d.is_dir()), key=natural_key)
         if not classes[split]:
             raise UserError(f"imagenet: '{path / split}' (under data.imagenet_path / {ENV_VAR}) "
                             f"has no class subfolders (found: {_found(path / split)}); {_HINT}")
-    unknown = sorted(set(classes["val"]) - set(classes["train"]))
+    unknown = [c for c in classes["val"] if c not in set(classes["train"])]
     if unknown:
-        raise UserError(f"imagenet: val/ under '{path}' (data.imagenet_path / {ENV_VAR}) has "
-                        f"class folders missing from train/: {', '.join(unknown[:8])}; {_HINT}")
+        more = f" (and {len(unknown) - 1} more: {', '.join(unknown[1:8])})" if len(unknown) > 1 else ""
+        raise UserError(f"imagenet: class folder '{path / 'val' / unknown[0]}'{more} has no folder of the same "
+                        f"name in '{path / 'train'}', so its images have no label the model learns; remove it "
+                        "from val/ or add the class to train/")
     return path, classes["train"]
+
+
+def _empty_folders(folders: list[Path]) -> UserError:
+    more = f" (and {len(folders) - 1} more: {', '.join(f.name for f in folders[1:8])})" if len(folders) > 1 else ""
+    return UserError(f"imagenet: class folder '{folders[0]}'{more} holds no image file "
+                     f"({', '.join(get_img_extensions())}), so its class would get no samples and the "
+                     "labels of the others would shift; remove the folder or put the class's images in it")
+
+
+def _split_dataset(path: Path, split: str, class_to_idx: dict, transform=None) -> StrictImageDataset:
+    """One split's images, labelled with the shared ``class_to_idx``; every class folder must hold images."""
+    folder = path / split
+    present = sorted((d.name for d in folder.iterdir() if d.is_dir()), key=natural_key)
+    try:
+        dataset = StrictImageDataset(str(folder), class_map=class_to_idx, transform=transform)
+    except RuntimeError:  # timm: no image anywhere under the folder
+        raise _empty_folders([folder / name for name in present]) from None
+    counts = Counter(target for _, target in dataset.reader.samples)
+    empty = [folder / name for name in present if not counts[class_to_idx[name]]]
+    if empty:
+        raise _empty_folders(empty)
+    return dataset
 
 
 @register_dataset("imagenet")
@@ -90,9 +167,9 @@ def build_imagenet(data_cfg: dict, seed: int = 0) -> Splits:
     timm_cfg = resolve_data_config({"input_size": (3, size, size)})
     train_tf = create_transform(**timm_cfg, is_training=True)
     eval_tf = create_transform(**timm_cfg)
-    train_all = create_dataset("", root=str(path), split="train")  # untransformed images
-    test = create_dataset("", root=str(path), split="val", transform=eval_tf,
-                          class_map=train_all.reader.class_to_idx)
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    train_all = _split_dataset(path, "train", class_to_idx)  # untransformed images
+    test = _split_dataset(path, "val", class_to_idx, transform=eval_tf)
     n_train = len(train_all)
     if isinstance(holdout, bool) or not isinstance(holdout, int) or not 0 < holdout < n_train:
         raise UserError(f"data.imagenet_val_holdout must be an integer in [1, {n_train - 1}] "
