@@ -575,9 +575,29 @@ def process_threads(kind: str):
 # ----------------------------------------------------------------- tracking
 # Resources, not params: switching tracking off changes where runs are
 # recorded, never a result, so it must not re-run anything.
-def tracking_train_flag(wildcards) -> str:
-    """``manidp train`` flag: no MLflow run when tracking is off."""
-    return "" if TRACKING else "--set tracking.enabled=false"
+# An MLflow run id as every store writes it (uuid4().hex).
+RUN_ID_PATTERN = r"[0-9a-f]{32}"
+
+
+def tracking_train_flag(wildcards, input) -> str:
+    """``manidp train`` flags: the parent run to log under, or no MLflow run when tracking is off.
+
+    The parent's id is read here and must be an MLflow run id, never pasted into
+    the shell command: whatever a tampered marker file holds cannot become an
+    argument. An empty marker (written while tracking was off) means no parent.
+    Until the marker exists (a dry run) Snakemake shows the value as <TBD>.
+    """
+    if not TRACKING:
+        return "--set tracking.enabled=false"
+    run_id = Path(input.parent).read_text().strip()
+    if not run_id:
+        return ""
+    if not re.fullmatch(RUN_ID_PATTERN, run_id):
+        raise WorkflowError(
+            f"{input.parent} should hold the MLflow run id of the parent run (32 hex digits) but holds "
+            f"{run_id[:60]!r}; delete the file and Snakemake re-creates it from the tracking store"
+        )
+    return f"--set tracking.parent_run_id={run_id}"
 
 
 def tracking_command_flag(wildcards) -> str:

@@ -55,7 +55,7 @@ rule train_dense:
         [ -f {params.run}/checkpoint.pt ] || rm -rf {params.run}
         {params.launcher} train --dataset {wildcards.dataset} --backbone {wildcards.backbone} --method dense \
             --seed {wildcards.seed} {params.recipe} --out {params.run} --threads {resources.threads_per_process} \
-            --set tracking.parent_run_id=$(cat {input.parent}) {resources.tracking} >{log} 2>&1
+            {resources.tracking} >{log} 2>&1
         rm -f {params.run}/checkpoint.pt
         """
 
@@ -95,7 +95,7 @@ rule train_method:
         {params.launcher} train --dataset {wildcards.dataset} --backbone {wildcards.backbone} {params.recipe} \
             --budget {wildcards.budget} --seed {wildcards.seed} --init-from {params.dense} --out {params.run} \
             --threads {resources.threads_per_process} \
-            --set tracking.parent_run_id=$(cat {input.parent}) {resources.tracking} >{log} 2>&1
+            {resources.tracking} >{log} 2>&1
         rm -f {params.run}/checkpoint.pt
         """
 

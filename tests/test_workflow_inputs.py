@@ -1,0 +1,67 @@
+"""What the workflow reads from files it did not just write: the parent run marker, the data, the Slurm profile.
+
+Each test runs the real ``snakemake`` on the tiny config (.test/config/config.yaml) in a temporary working
+directory, and stops before any training: nothing here trains a model or downloads anything.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "workflow" / "Snakefile"
+TINY_CONFIG = ROOT / ".test" / "config" / "config.yaml"
+PARENT = "results/tracking/digits-c/cifar_resnet20/parent_run.txt"
+DENSE = "runs/digits-c/cifar_resnet20/dense/seed0"
+RUN_ID = "0123456789abcdef0123456789abcdef"
+
+
+def _workdir(tmp_path: Path, config: dict | None = None) -> Path:
+    (tmp_path / "config").mkdir()
+    config = config or yaml.safe_load(TINY_CONFIG.read_text())
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def snakemake(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+               "--cores", "1", *args]
+    environ = {k: v for k, v in os.environ.items() if k not in ("MANIDP_IMAGENET", "MLFLOW_TRACKING_URI")}
+    environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environ.get("PATH", "")])
+    environ.update(env or {})
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environ, cwd=workdir)
+
+
+def _with_parent(tmp_path: Path, content: str) -> Path:
+    """A working directory whose store and parent marker exist, so a training job is the next to run."""
+    workdir = _workdir(tmp_path)
+    (workdir / "results" / "tracking").mkdir(parents=True)
+    (workdir / "results" / "tracking" / "store.txt").write_text("sqlite:///results/mlflow.db\n")
+    (workdir / PARENT).parent.mkdir(parents=True)
+    (workdir / PARENT).write_text(content)
+    return workdir
+
+
+def test_parent_run_id_reaches_training_as_one_flag(tmp_path):
+    workdir = _with_parent(tmp_path, RUN_ID + "\n")
+    result = snakemake(workdir, f"{DENSE}/metrics.json", "-n", "-p")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    command = result.stdout.split("Shell command:", 1)[1]
+    assert f"--set tracking.parent_run_id={RUN_ID} >" in command, command
+    assert "$(" not in command and "parent_run.txt" not in command
+
+
+def test_tampered_parent_marker_cannot_add_arguments(tmp_path):
+    """The id used to be pasted unquoted into the shell: `ID --help` made the job run `manidp train ... --help`."""
+    workdir = _with_parent(tmp_path, RUN_ID + " --help\n")
+    result = snakemake(workdir, f"{DENSE}/metrics.json")
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert PARENT in message and "should hold the MLflow run id" in message, message[-3000:]
+    log = workdir / "results" / "logs" / "digits-c" / "cifar_resnet20" / "dense" / "seed0" / "train.log"
+    assert not log.exists() or "usage:" not in log.read_text()
+    assert not (workdir / "runs").exists()
