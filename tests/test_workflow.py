@@ -453,4 +453,6 @@ def test_slurm_profile_runs_tiny_workflow(slurm_run):
     # Training and latency jobs go through Slurm; MLflow bookkeeping, tables and plots stay local.
     assert len(re.findall(r"Job \d+ has been submitted with SLURM jobid \d+", output)) == 3, output[-3000:]
     assert job_counts(output) == TINY_PLAN
+    # The plugin deletes a successful job's log unless told to keep it (slurm-keep-successful-logs).
+    assert len(list((workdir / "results" / "logs" / "slurm").rglob("*.log"))) == 3
     _check_table(workdir)

@@ -65,3 +65,18 @@ def test_tampered_parent_marker_cannot_add_arguments(tmp_path):
     log = workdir / "results" / "logs" / "digits-c" / "cifar_resnet20" / "dense" / "seed0" / "train.log"
     assert not log.exists() or "usage:" not in log.read_text()
     assert not (workdir / "runs").exists()
+
+
+def test_slurm_profile_keeps_every_job_log():
+    """The README sends Slurm logs to results/logs/slurm; the plugin deletes successful jobs' logs by default."""
+    import dataclasses
+
+    from snakemake_executor_plugin_slurm import ExecutorSettings
+
+    profile = yaml.safe_load((ROOT / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile["slurm-logdir"] == "results/logs/slurm"
+    assert profile["slurm-keep-successful-logs"] is True
+    assert profile["slurm-delete-logfiles-older-than"] <= 0
+    # Every slurm-* key is an option of the installed plugin (a misspelt one would be ignored or refused).
+    options = {f"slurm-{field.name.replace('_', '-')}" for field in dataclasses.fields(ExecutorSettings)}
+    assert {key for key in profile if key.startswith("slurm-")} <= options
