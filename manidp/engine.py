@@ -132,7 +132,8 @@ def _lr_lambda(cfg: dict, steps_per_epoch: int):
         if t["schedule"] == "step":
             return t["gamma"] ** sum(step >= m for m in milestones)
         progress = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+        # A Python float, not numpy's: the learning rates land in the checkpoint, which holds plain data only.
+        return float(floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(1.0, progress))))
 
     return factor
 

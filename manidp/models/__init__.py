@@ -6,9 +6,12 @@ name works; :data:`BENCHMARK_BACKBONES` are the ones this benchmark tests.
 from __future__ import annotations
 
 import difflib
+import pickle
+import re
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import timm
 import torch
 import torch.nn as nn
@@ -24,18 +27,49 @@ BENCHMARK_BACKBONES = (
 )
 
 
+# Files written before the engine stored plain floats hold numpy float scalars (learning rates in the
+# optimizer and scheduler state): rebuilding one from its dtype and bytes runs no code, so they stay readable.
+_NUMPY_SCALARS = [np._core.multiarray.scalar, np.dtype, *(type(np.dtype(t)) for t in ("f8", "f4", "i8", "i4", "b1"))]
+
+
 def load_state_file(path: str | Path) -> dict:
-    """Read a checkpoint file; corrupt or foreign files raise one clear UserError."""
+    """Read a model, checkpoint or pretrained file without running anything it holds.
+
+    Every file the benchmark writes is plain data (dicts, lists, numbers,
+    strings, tensors), so torch's weights-only unpickler reads all of them; a
+    pickle that names any other Python object (which a full unpickler would
+    call, e.g. ``os.system``) is refused before it is called. Files are shared
+    between users (run folders, checkpoints, cluster homes), so loading must
+    never be a way to run code. Corrupt, foreign and unsafe files each raise
+    one clear UserError.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_NUMPY_SCALARS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" not in str(err) and "Weights only" not in str(err):
+            raise UserError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({err}); "
+                            "delete it to start over, or point to a good file") from None
+        found = _unsafe_global(str(err))
+        raise UserError(
+            f"refused to load {path}: it is not a plain state file (it holds the Python object "
+            f"{found}, which loading would execute); nothing in it was run. Re-save it as a state dict "
+            "(torch.save(model.state_dict(), FILE)) or point to a file the benchmark wrote"
+        ) from None
     except Exception as err:  # torch raises many types for a damaged file
         raise UserError(
-            f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(err).__name__}: {err}); "
-            "delete it to start over, or point to a good file"
+            f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); delete it to start over, or point to a good file"
         ) from None
+
+
+def _unsafe_global(message: str) -> str:
+    """The global torch's weights-only unpickler stopped at, read from its message, for the one-line error."""
+    match = re.search(r"GLOBAL ([\w.]+)", message)
+    return match.group(1) if match else "(not a tensor or plain data)"
 
 
 def _state_dict_of(obj, path) -> dict:
