@@ -207,6 +207,20 @@ def test_cifar_failed_download_is_a_user_error(tmp_path, monkeypatch):
         build_dataset("cifar10", {"root": str(tmp_path), "download": True})
 
 
+@pytest.mark.parametrize("download, expected", [(False, "cifar100 not found under datasets.cifar100.data.root"),
+                                                 (True, "downloading cifar100 into datasets.cifar100.data.root")])
+def test_cifar_fetch_names_the_workflow_keys(tmp_path, monkeypatch, download, expected):
+    """fetch() is the workflow's one download (rule check_data): its errors name the workflow's config keys."""
+    from manidp.data.torchvision_sets import fetch
+
+    def offline(self):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(datasets.CIFAR100, "download", offline)
+    with pytest.raises(UserError, match=expected):
+        fetch("cifar100", {"root": str(tmp_path), "download": download}, keys="datasets.cifar100.data.")
+
+
 def test_cifar10_splits_from_fake_files(tmp_path, monkeypatch):
     """The real files cannot be downloaded here: write tiny look-alikes, skip the md5 check."""
     folder = tmp_path / datasets.CIFAR10.base_folder
@@ -220,6 +234,9 @@ def test_cifar10_splits_from_fake_files(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(datasets.cifar, "check_integrity", lambda *args: True)
 
+    from manidp.data.torchvision_sets import fetch
+
+    assert fetch("cifar10", {"root": str(tmp_path), "download": True}) == folder  # found: nothing downloaded
     splits = build_dataset("cifar10", {"root": str(tmp_path)})
     assert splits.info["sizes"] == {"train": 50, "val": 5000, "test": 20}
     assert splits.num_classes == 10 and splits.input_size == (3, 32, 32)

@@ -80,3 +80,32 @@ def test_slurm_profile_keeps_every_job_log():
     # Every slurm-* key is an option of the installed plugin (a misspelt one would be ignored or refused).
     options = {f"slurm-{field.name.replace('_', '-')}" for field in dataclasses.fields(ExecutorSettings)}
     assert {key for key in profile if key.startswith("slurm-")} <= options
+
+
+def _mlflow_runs(workdir: Path) -> int:
+    import sqlite3
+
+    store = workdir / "results" / "mlflow.db"
+    if not store.exists():
+        return 0
+    with sqlite3.connect(store) as db:
+        tables = {name for (name,) in db.execute("select name from sqlite_master where type = 'table'")}
+        return db.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
+
+
+def test_cifar_without_data_or_network_stops_before_any_job(tmp_path):
+    """It used to create the MLflow parent run and start training jobs that each failed ("cifar10 not found")."""
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config["datasets"]["cifar10"] = {**config["datasets"]["digits-c"],
+                                     "data": {"root": "nodata", "download": True, "max_train": 64, "max_eval": 32}}
+    workdir = _workdir(tmp_path, config)
+    # Downloading is on, but every connection is refused at once: no network, and none is tried.
+    offline = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "no_proxy": "",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    result = snakemake(workdir, "results/cifar10_table.csv", env=offline)
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert message.count("downloading cifar10 into datasets.cifar10.data.root = 'nodata' failed") == 1, message[-3000:]
+    assert "rule check_data" in message and "rule train_dense" not in message, message[-3000:]
+    assert not (workdir / "runs").exists() and not (workdir / "results" / "tracking" / "cifar10").exists()
+    assert _mlflow_runs(workdir) == 0

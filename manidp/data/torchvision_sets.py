@@ -1,13 +1,17 @@
 """``cifar10`` and ``cifar100`` from torchvision, with a held-out validation split.
 
 The files live under ``data.root`` (default ``./data``); they are downloaded
-only when ``data.download: true``. Validation is a fixed 5,000-image holdout of
+only when ``data.download: true``. :func:`fetch` gets or checks them once, before
+any training: the workflow's ``check_data`` rule calls it, and its jobs only read
+the files (one download per job would race on the same folder). Validation is a fixed 5,000-image holdout of
 the 50,000 training images (a permutation seeded by ``data.split_seed``,
 default 0, never by the training seed) and uses the eval transform; training
 uses the other 45,000 with the standard random crop + flip; the official
 10,000-image test set is the test split.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch.utils.data import Subset
@@ -38,23 +42,37 @@ def _transforms(name: str) -> tuple[transforms.Compose, transforms.Compose]:
     return train, transforms.Compose([transforms.ToTensor(), normalize])
 
 
-def _open_train(name: str, root: str, download: bool, transform):
-    """The first dataset object: downloads if asked, turns failures into UserError."""
+def _open(name: str, root: str, download: bool, transform=None, train: bool = True, keys: str = "data."):
+    """One split's dataset object: downloads if asked, turns failures into UserError.
+
+    torchvision checks every file of both splits before opening either, so a
+    split that opens means the whole dataset is there. ``keys`` prefixes the
+    config keys the messages name (the workflow's are ``datasets.NAME.data.``).
+    """
     cls, _ = _CLASSES[name]
     try:
-        return cls(root, train=True, transform=transform, download=download)
+        return cls(root, train=train, transform=transform, download=download)
     except RuntimeError as exc:  # torchvision: files missing or failing their checksum
         if download:
-            raise UserError(f"{name} under data.root = '{root}' is corrupted even after "
-                            f"data.download: true ({exc}); delete {root}/{cls.base_folder} "
+            raise UserError(f"{name} under {keys}root = '{root}' is corrupted even after "
+                            f"{keys}download: true ({exc}); delete {root}/{cls.base_folder} "
                             "and try again") from None
-        raise UserError(f"{name} not found under data.root = '{root}' (expected "
-                        f"{root}/{cls.base_folder}); set data.root to the folder that holds "
-                        f"it, or set data.download: true to download it") from None
+        raise UserError(f"{name} not found under {keys}root = '{root}' (expected "
+                        f"{root}/{cls.base_folder}); set {keys}root to the folder that holds "
+                        f"it, or set {keys}download: true to download it") from None
     except OSError as exc:  # urllib / socket errors while downloading
-        raise UserError(f"downloading {name} into data.root = '{root}' failed ({exc}); "
+        reason = " ".join(str(exc).split())
+        raise UserError(f"downloading {name} into {keys}root = '{root}' failed ({reason}); "
                         "is there network access? Otherwise copy the files there by hand "
-                        "and set data.download: false") from None
+                        f"and set {keys}download: false") from None
+
+
+def fetch(name: str, data_cfg: dict, keys: str = "data.") -> Path:
+    """Download ``name`` into ``data.root`` when ``data.download`` is true and it is missing, else check it is
+    there; the folder holding it. One :class:`UserError` (naming ``keys``-prefixed config keys) otherwise."""
+    root = str(data_cfg.get("root", "./data"))
+    _open(name, root, bool(data_cfg.get("download", False)), train=False, keys=keys)
+    return Path(root) / _CLASSES[name][0].base_folder
 
 
 def _build(name: str, data_cfg: dict) -> Splits:
@@ -63,7 +81,7 @@ def _build(name: str, data_cfg: dict) -> Splits:
     cls, num_classes = _CLASSES[name]
     train_tf, eval_tf = _transforms(name)
 
-    train_full = _open_train(name, root, bool(data_cfg.get("download", False)), train_tf)
+    train_full = _open(name, root, bool(data_cfg.get("download", False)), train_tf)
     eval_full = cls(root, train=True, transform=eval_tf)  # same images, eval transform
     test = cls(root, train=False, transform=eval_tf)
 

@@ -209,6 +209,9 @@ if config.get("imagenet_path"):
 
 # Datasets read from a folder the user provides: the config key and variable naming it.
 EXTERNAL_DATA = {"imagenet": ("imagenet_path", IMAGENET_ENV_VAR)}
+# Datasets torchvision downloads: rule check_data fetches them once (datasets.NAME.data.download)
+# or checks them, and their jobs only read the files.
+FETCHED_DATA = ("cifar10", "cifar100")
 
 
 def data_checked(wildcards) -> list:
@@ -216,15 +219,18 @@ def data_checked(wildcards) -> list:
 
     ``ancient``: re-checking the data never re-runs a finished job.
     """
-    if wildcards.dataset not in EXTERNAL_DATA or config.get("data_check", "local") == "job":
+    if wildcards.dataset not in [*EXTERNAL_DATA, *FETCHED_DATA] or config.get("data_check", "local") == "job":
         return []
     return [ancient(f"results/data/{wildcards.dataset}.checked")]
 
 
 def data_folder(wildcards) -> dict:
-    """Where a user-provided dataset should be, and how the user names it."""
-    key, env = EXTERNAL_DATA[wildcards.dataset]
-    return {"folder": os.environ.get(env, ""), "key": key, "env": env}
+    """Where a dataset's files should be, and how the user names that place (and whether to download)."""
+    ds = wildcards.dataset
+    if ds in FETCHED_DATA:
+        return {"fetch": True, "data": dataset_cfg(ds).get("data", {}), "keys": f"datasets.{ds}.data."}
+    key, env = EXTERNAL_DATA[ds]
+    return {"fetch": False, "folder": os.environ.get(env, ""), "key": key, "env": env}
 
 
 # ----------------------------------------------------------------- the plan
@@ -389,7 +395,12 @@ def _set_args(prefix: str, tree: dict) -> list[str]:
 
 def _common_sets(ds: str) -> list[str]:
     section = dataset_cfg(ds)
-    return _set_args("data", section.get("data", {})) + _set_args("runtime", section.get("runtime", {}))
+    data = section.get("data", {})
+    if ds in FETCHED_DATA:
+        # Rule check_data downloaded the files once: jobs only read them (parallel
+        # downloads into one folder would race; with data_check: job they must be there).
+        data = {**data, "download": False}
+    return _set_args("data", data) + _set_args("runtime", section.get("runtime", {}))
 
 
 def dense_args(wildcards) -> str:

@@ -9,7 +9,8 @@
 
 
 rule check_data:
-    """A dataset the user provides (ImageNet) is where the config says, before any job on it starts."""
+    """Before any job or MLflow run on a dataset: ImageNet's folder is where the config says; CIFAR is downloaded once
+    (datasets.NAME.data.download) or found under its data.root."""
     output:
         temp("results/data/{dataset}.checked"),
     log:

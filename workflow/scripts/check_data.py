@@ -1,23 +1,46 @@
-"""Rule check_data: stop before any job on a dataset whose folder the user provides, when it is missing.
+"""Rule check_data: stop before any job on a dataset whose files are missing, or fetch them once.
 
-Runs on the machine that runs Snakemake (config ``data_check: local``); with
-``data_check: job`` the jobs find the folder themselves, e.g. on a cluster whose
-data is mounted only on compute nodes.
+ImageNet is a folder the user provides: it must hold train/ and val/. CIFAR is
+downloaded by torchvision into ``datasets.NAME.data.root`` when
+``datasets.NAME.data.download`` is true, here and only here (the jobs only read
+it), else checked. Runs on the machine that runs Snakemake (config
+``data_check: local``), before the MLflow parent run and every job of the
+dataset; with ``data_check: job`` the jobs find the data themselves, e.g. on a
+cluster whose data is mounted only on compute nodes.
 """
 
 import sys
 from pathlib import Path
 
-data = snakemake.params.data  # noqa: F821 (Snakemake defines `snakemake` in scripts)
-folder = Path(data["folder"]).expanduser() if data["folder"] else None
-if folder is None or not (folder / "train").is_dir() or not (folder / "val").is_dir():
-    found = f"'{folder}' holds no train/ and val/ folders" if folder else "no path is set"
-    message = (
-        f"{snakemake.wildcards.dataset}: {found}. Set the ILSVRC-2012 folder (train/ and val/, one subfolder "  # noqa: F821
-        f"per class) with the config key '{data['key']}' (snakemake ... --config {data['key']}=/path/to/imagenet) "
-        f"or the environment variable {data['env']}. A dry run (snakemake -n) lists the plan without the data; "
-        "a cluster whose data only compute nodes see sets the config key 'data_check: job'."
-    )
-    Path(snakemake.log[0]).write_text(message + "\n")  # noqa: F821
+ds = snakemake.wildcards.dataset  # noqa: F821 (Snakemake defines `snakemake` in scripts)
+data = snakemake.params.data  # noqa: F821
+log = Path(snakemake.log[0])  # noqa: F821
+DRY_RUN_HINT = "A dry run (snakemake -n) lists the plan without the data"
+
+
+def stop(message: str) -> None:
+    """One message: the log, which Snakemake prints (show-failed-logs), is all the user reads."""
+    log.write_text(message + "\n")
     sys.exit(1)
-Path(snakemake.output[0]).write_text(f"{folder}\n")  # noqa: F821
+
+
+if data["fetch"]:
+    from manidp.data.torchvision_sets import fetch
+    from manidp.errors import UserError
+
+    try:
+        found = fetch(ds, data["data"], keys=data["keys"])
+    except UserError as err:
+        stop(f"{err}. {DRY_RUN_HINT}.")
+    log.write_text(f"{ds}: found {found}\n")
+else:
+    found = Path(data["folder"]).expanduser() if data["folder"] else None
+    if found is None or not (found / "train").is_dir() or not (found / "val").is_dir():
+        where = f"'{found}' holds no train/ and val/ folders" if found else "no path is set"
+        stop(
+            f"{ds}: {where}. Set the ILSVRC-2012 folder (train/ and val/, one subfolder per class) with the config "
+            f"key '{data['key']}' (snakemake ... --config {data['key']}=/path/to/imagenet) or the environment "
+            f"variable {data['env']}. {DRY_RUN_HINT}; a cluster whose data only compute nodes see sets the config "
+            "key 'data_check: job'."
+        )
+Path(snakemake.output[0]).write_text(f"{found}\n")  # noqa: F821
