@@ -429,6 +429,7 @@ def test_mlflow_parent_and_summary_runs(digits_runs, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from manidp import tracking
+    from manidp._files import result_id
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.init_store(uri, ("digits-c",))
@@ -440,7 +441,8 @@ def test_mlflow_parent_and_summary_runs(digits_runs, tmp_path):
     cfg = json.loads((digits_runs[1] / "metrics.json").read_text())["config"]
     (digits_runs[1] / "config.yaml").write_text(yaml.safe_dump(cfg))
     child = client.create_run(client.get_experiment_by_name("digits-c").experiment_id,
-                              tags={**tracking.identity_tags(cfg), "mlflow.parentRunId": parent}).info.run_id
+                              tags={**tracking.identity_tags(cfg, result_id(digits_runs[1])),
+                                    "mlflow.parentRunId": parent}).info.run_id
     client.set_terminated(child)
     artifact = tmp_path / "digits-c_table.md"
     artifact.write_text("| table |\n")
