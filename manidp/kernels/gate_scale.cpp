@@ -10,7 +10,13 @@
 //
 // At batch 1 on small feature maps a gate written as ATen ops costs about ten dispatches of ~1 us
 // each; here it is one. Arithmetic in fp32 (pools accumulate in fp64), whatever the activations'
-// dtype (fp32 or bf16), as the gates' contract requires.
+// dtype (fp32 or bf16), as the gates' contract requires; a bf16 target is scaled by the mask rounded to
+// bf16, as the ATen form's mask.to(dtype) does.
+//
+// Threads: at::parallel_for is a serial loop unless this file is compiled with -fopenmp (ATen's inline
+// OpenMP backend), so manidp/kernels builds it that way and links torch's own libgomp; every reduction
+// is split into fixed chunks with one partial each (chunks_of), so the results are race-free and the
+// same at any thread count, even where the build had to be serial.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -30,6 +36,17 @@ inline double value(T v, bool absolute) {
   return absolute && d < 0 ? -d : d;
 }
 
+// Sums split into chunks: the chunk count depends only on the work (never on the thread count), each
+// chunk owns its partial, and the partials are added in chunk order. The result is then the same at any
+// number of threads, and no two threads ever write one partial, whichever OpenMP runtime (or none) runs
+// the loop: indexing partials by at::get_thread_num() is only safe while the pragma and torch share one
+// runtime, and a second runtime in the process (a system libgomp beside torch's) breaks that silently.
+constexpr int64_t kMaxChunks = 64;
+
+inline int64_t chunks_of(int64_t n, int64_t grain) {
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, (n + grain - 1) / std::max<int64_t>(grain, 1)));
+}
+
 // out[c] = mean over (h, w) of x[c * sc + h * sh + w * sw] (of |x| when absolute), accumulated in fp64.
 // Large maps split their rows (channels_last) or channels (otherwise) between torch's threads; called
 // inside a parallel region (a batch split by instance) it runs inline.
@@ -38,22 +55,24 @@ void pool(const T* x, bool absolute, int64_t C, int64_t H, int64_t W, int64_t sc
   const int64_t rows = H * W;
   const double n = static_cast<double>(rows);
   if (sc == 1) {  // channels_last: one contiguous C-vector per position
-    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-    std::vector<double> partial(threads * C, 0.0);
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      double* acc = partial.data() + (threads > 1 ? at::get_thread_num() : 0) * C;
-      for (int64_t r = begin; r < end; ++r) {
-        const T* row = x + (r / W) * sh + (r % W) * sw;
-        for (int64_t c = 0; c < C; ++c) acc[c] += value(row[c], absolute);
+    const int64_t chunks = chunks_of(rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)));
+    const int64_t per = (rows + chunks - 1) / chunks;
+    std::vector<double> partial(chunks * C, 0.0);
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t k = first; k < last; ++k) {
+        double* acc = partial.data() + k * C;
+        for (int64_t r = k * per, end = std::min(rows, r + per); r < end; ++r) {
+          const T* row = x + (r / W) * sh + (r % W) * sw;
+          for (int64_t c = 0; c < C; ++c) acc[c] += value(row[c], absolute);
+        }
       }
     });
     for (int64_t c = 0; c < C; ++c) {
       double total = 0.0;
-      for (int64_t t = 0; t < threads; ++t) total += partial[t * C + c];
+      for (int64_t k = 0; k < chunks; ++k) total += partial[k * C + c];
       out[c] = static_cast<float>(total / n);
     }
-  } else {
+  } else {  // one channel per task: each writes only its own out[c]
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(rows, 1));
     at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
@@ -76,17 +95,26 @@ void linear(const float* x, const float* wt, const float* b, int64_t in, int64_t
   }
 }
 
+// The mask value as the ATen form applies it: mask.to(y.dtype) before the multiply, so under bf16 the
+// value is rounded to bf16 first and the outputs equal the ATen form's bit for bit (fp32: unchanged).
+template <typename T>
+inline float as_applied(float m) {
+  return static_cast<float>(static_cast<T>(m));
+}
+
 template <typename T>
 void scale(T* y, int64_t C, int64_t H, int64_t W, int64_t sc, int64_t sh, int64_t sw, const float* m) {
   if (sc == 1) {
+    std::vector<float> mc(m, m + C);
+    for (auto& v : mc) v = as_applied<T>(v);
     for (int64_t h = 0; h < H; ++h)
       for (int64_t w = 0; w < W; ++w) {
         T* row = y + h * sh + w * sw;
-        for (int64_t c = 0; c < C; ++c) row[c] = static_cast<T>(static_cast<float>(row[c]) * m[c]);
+        for (int64_t c = 0; c < C; ++c) row[c] = static_cast<T>(static_cast<float>(row[c]) * mc[c]);
       }
   } else {
     for (int64_t c = 0; c < C; ++c) {
-      const float mc = m[c];
+      const float mc = as_applied<T>(m[c]);
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w = 0; w < W; ++w) {
           T& v = y[c * sc + h * sh + w * sw];
@@ -304,15 +332,17 @@ at::Tensor scale_pool_(at::Tensor& y, const at::Tensor& index, const at::Tensor&
   const std::vector<float> s = kept_scales(mask, index, K, C);
   const int64_t* idx = index.data_ptr<int64_t>();
   float* data = y.data_ptr<float>();
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  std::vector<double> partial(threads * K, 0.0);
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-    double* acc = partial.data() + (threads > 1 ? at::get_thread_num() : 0) * K;
-    for (int64_t r = begin; r < end; ++r) {
-      float* row = data + r * K;
-      for (int64_t j = 0; j < K; ++j) {
-        row[j] *= s[j];
-        acc[j] += row[j];
+  const int64_t chunks = chunks_of(rows, 256), per = (rows + chunks - 1) / chunks;
+  std::vector<double> partial(chunks * K, 0.0);  // by chunk, never by thread (see chunks_of)
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      double* acc = partial.data() + k * K;
+      for (int64_t r = k * per, end = std::min(rows, r + per); r < end; ++r) {
+        float* row = data + r * K;
+        for (int64_t j = 0; j < K; ++j) {
+          row[j] *= s[j];
+          acc[j] += row[j];
+        }
       }
     }
   });
@@ -320,7 +350,7 @@ at::Tensor scale_pool_(at::Tensor& y, const at::Tensor& index, const at::Tensor&
   float* out = pooled.data_ptr<float>();
   for (int64_t j = 0; j < K; ++j) {
     double total = 0.0;
-    for (int64_t t = 0; t < threads; ++t) total += partial[t * K + j];
+    for (int64_t k = 0; k < chunks; ++k) total += partial[k * K + j];
     out[idx[j]] = static_cast<float>(total / static_cast<double>(rows));
   }
   return pooled;
