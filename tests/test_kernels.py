@@ -1,7 +1,13 @@
 """The compiled gate op (manidp/kernels): same masks as the gates' own ATen code, and a clean fallback."""
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,7 +175,7 @@ def test_a_cxx_that_is_no_program_is_named(monkeypatch, fresh_state):
 
 def test_a_failed_build_is_reported_not_raised(monkeypatch, fresh_state):
     monkeypatch.setattr(kernels, "_registered", lambda: False)
-    monkeypatch.setattr(kernels, "_compiler", lambda: shutil.which("false") or "/bin/false")
+    monkeypatch.setattr(kernels, "_compiler", lambda: [shutil.which("false") or "/bin/false"])
     assert kernels.load() is False
     assert kernels.status().startswith("unavailable: the build failed (false:")
     assert not list(fresh_state.glob("*.so"))  # nothing half-written left in the cache
@@ -177,14 +183,25 @@ def test_a_failed_build_is_reported_not_raised(monkeypatch, fresh_state):
 
 @needs_compiler
 def test_build_into_an_empty_cache(monkeypatch, fresh_state):
-    """The real build path: compile into an empty cache, then a second load finds it there; a damaged
-    cached file (a copy cut short) is built again."""
+    """The real build path: compile into an empty cache (created 0700, the build's SHA-256 recorded beside
+    it), then a second load finds it there; a damaged cached file (a copy cut short) is built again."""
     monkeypatch.setattr(kernels, "_registered", lambda: False)
-    library, how = kernels._build()
+
+    def build():
+        built, why = kernels._build()
+        assert built is not None, why
+        os.close(built.fd)
+        return built.library, built.how
+
+    library, how = build()
     assert how == "built" and library.parent == fresh_state and library.stat().st_size > 0
-    assert kernels._build() == (library, "cached")
+    assert stat.S_IMODE(fresh_state.stat().st_mode) == 0o700
+    record = library.with_name(library.name + ".sha256").read_text().split()
+    assert record == [hashlib.sha256(library.read_bytes()).hexdigest(), library.name]
+    assert build() == (library, "cached")
     library.write_bytes(b"half a library")
-    assert kernels._build() == (library, "built") and kernels._is_library(library)
+    assert build() == (library, "built")
+    assert hashlib.sha256(library.read_bytes()).hexdigest() == record[0]
 
 
 def _gathered_case(seed: int = 4, channels: int = 24, kept: int = 9, size: int = 7):
@@ -283,3 +300,99 @@ def test_rounded_gates_round_in_the_kernel_as_round_kept_does(multiple):
         got = rounded.kernel_spec().mask(x)
         assert ((got == 0) == (expected == 0)).all()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@needs_compiler
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_ops_at_batch_1_on_two_threads_equal_the_aten_form(two_threads, channels_last):
+    """Maps large enough that every reduction is split between the two threads: masks, scaled maps and
+    pools equal the ATen form's, and equal the ops' own results on one thread bit for bit (partials by
+    chunk, never by thread)."""
+    from baselines.fbs import SaliencyPredictor
+    from manidp.gating import _add_channels, _scale, _scatter_pooled
+
+    torch.manual_seed(7)
+    x = _layout(torch.randn(1, 32, 96, 96).relu(), channels_last)  # 9,216 rows of 32: 9 chunks of the pool
+    y = _layout(torch.randn(1, 48, 96, 96), channels_last)
+    fbs = SaliencyPredictor(32, 48).eval()
+    nn.init.normal_(fbs.fc.weight, std=1.0)
+    fbs.density.fill_(0.5)
+    gates = (_manidp_gate(32, 48, x, 0.5), fbs)
+    assert kernels.available()
+    results = {}
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        for gate in gates:
+            with torch.no_grad():
+                expected = gate(x)
+            spec = gate.kernel_spec()
+            mask = spec.mask(x)
+            assert ((mask == 0) == (expected == 0)).all() and (mask != 0).any() and (mask == 0).any()
+            torch.testing.assert_close(mask, expected, rtol=1e-5, atol=1e-6)
+            scaled = spec(x, y.clone())
+            torch.testing.assert_close(scaled, _apply(gate, x, y), rtol=1e-5, atol=1e-6)
+            results.setdefault(type(gate).__name__, []).append((mask, scaled))
+        index, gmask, z, out = _gathered_case(seed=8, channels=48, kept=20, size=96)  # 9,216 rows: 36 chunks
+        expected_z = _scale(z.clone(), gmask, index)
+        got_z = z.clone()
+        pooled = torch.ops.manidp.scale_pool_(got_z, index, gmask)
+        torch.testing.assert_close(got_z, expected_z, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(pooled, _scatter_pooled(expected_z, index, 48), rtol=1e-5, atol=1e-6)
+        added = torch.ops.manidp.add_channels_(out.clone(), index, z, gmask, True)
+        torch.testing.assert_close(added, _add_channels(out.clone(), index, _scale(z.clone(), gmask, index)).relu(),
+                                   rtol=1e-6, atol=1e-6)
+        results.setdefault("gathered", []).append((pooled, added))
+    for name, (two, one) in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(two, one)), f"{name}: 2 threads differ from 1"
+    if torch._C.has_openmp and sys.platform.startswith("linux") and kernels.threading().startswith("openmp"):
+        torch.set_num_threads(2)
+        assert kernels.threading().endswith(", 2 threads")
+
+
+@needs_compiler
+@pytest.mark.skipif(not (torch._C.has_openmp and sys.platform.startswith("linux")),
+                    reason="threaded ops are built on Linux with torch's OpenMP backend only")
+def test_ops_are_threaded_with_torch_s_own_openmp_runtime():
+    """Built with OpenMP (at::parallel_for is a serial loop otherwise) and linked to the runtime torch
+    loaded: after loading, the process still maps exactly one OpenMP runtime, torch's."""
+    assert kernels.available()
+    compiler = kernels._compiler()
+    if "clang" in kernels._compiler_version(tuple(compiler)).lower():
+        assert kernels.threading().startswith("serial (clang")
+        return
+    threading = kernels.threading()
+    torch_lib = Path(torch.__file__).parent / "lib"
+    runtimes = kernels._openmp_runtimes()
+    assert len(runtimes) == 1 and Path(runtimes[0]).parent == torch_lib.resolve(), runtimes
+    assert threading == f"openmp ({runtimes[0]}), {torch.get_num_threads()} thread" + \
+        ("" if torch.get_num_threads() == 1 else "s")
+    library = Path(kernels._loaded["library"])
+    if shutil.which("nm"):
+        imported = subprocess.run(["nm", "-D", "--undefined-only", str(library)], capture_output=True,
+                                  text=True).stdout
+        assert "GOMP_parallel" in imported
+
+
+@needs_compiler
+def test_kernel_scales_bf16_maps_as_the_aten_form_bit_for_bit():
+    """Under bf16 the ATen form multiplies by mask.to(bf16); the op rounds its mask the same way, so equal
+    masks give equal outputs, not outputs within bf16 rounding."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 16, 8, 8).relu().bfloat16()
+    y = torch.randn(2, 16, 8, 8).bfloat16()
+    gate = _manidp_gate(16, 16, x.float(), 0.5)
+    for layout in (True, False):
+        xs, ys = _layout(x, layout), _layout(y, layout)
+        with torch.no_grad():
+            mask = gate(xs.float())
+        assert torch.equal(gate.kernel_spec().mask(xs) != 0, mask != 0)
+        out = gate.kernel_spec()(xs, ys.clone())
+        assert torch.equal(out, ys * mask.to(torch.bfloat16)[:, :, None, None])
