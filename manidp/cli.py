@@ -62,7 +62,8 @@ def _resolve_train_config(args) -> dict:
 def _train(args) -> int:
     import yaml
 
-    from manidp.config import check_run_folder, check_runnable, default_out_dir
+    from manidp._files import run_folder_lock
+    from manidp.config import check_out_folder, check_run_folder, check_runnable, default_out_dir
 
     cfg = _resolve_train_config(args)
     if args.print_config:
@@ -70,12 +71,16 @@ def _train(args) -> int:
         return 0
     cfg = check_runnable(cfg)
     out = Path(cfg["out"]) if cfg["out"] else default_out_dir(cfg)
-    check_run_folder(out, cfg, force=args.force)
-    if args.force:
-        _clear_run_folder(out)
-    from manidp.engine import train
+    check_out_folder(out)
+    # Held from before the folder is read until the run is written: two processes on one folder would
+    # otherwise both train and leave one's metrics beside the other's model.
+    with run_folder_lock(out):
+        check_run_folder(out, cfg, force=args.force)
+        if args.force:
+            _clear_run_folder(out)
+        from manidp.engine import train
 
-    train(cfg)
+        train(cfg)
     return 0
 
 
@@ -273,9 +278,12 @@ def _check_flags(args) -> None:
             _check_output_file(_flag(dest), Path(value))
 
 
+class _Terminated(SystemExit):
+    """SIGTERM (Slurm's time limit, ``kill``): unwinds like an error does, so the run is closed as KILLED."""
+
+
 def _raise_on_sigterm(signum, frame):
-    # SystemExit unwinds like an error does, so the run is closed as KILLED in MLflow.
-    raise SystemExit(128 + signum)
+    raise _Terminated(128 + signum)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -306,10 +314,10 @@ def main(argv=None) -> int:
         _abort_open_runs(err)
         print(f"manidp {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:
+    except (KeyboardInterrupt, _Terminated) as err:
         _abort_open_runs(err)
         print("manidp: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+        return err.code if isinstance(err, _Terminated) else 130
     except BaseException as err:
         _abort_open_runs(err)
         raise

@@ -26,7 +26,7 @@ from manidp.errors import UserError
 
 __all__ = ["defaults", "recipes", "resolve", "validate", "check_runnable", "load_yaml", "yaml_load",
            "yaml12_numbers", "parse_assignment", "comparable", "config_hash", "config_differences",
-           "finished_run", "check_run_folder", "can_write_in", "default_out_dir"]
+           "finished_run", "check_out_folder", "check_run_folder", "can_write_in", "default_out_dir"]
 
 
 # ----------------------------------------------------------------- YAML 1.2 numbers
@@ -451,13 +451,8 @@ def can_write_in(folder: Path) -> bool:
         return False
 
 
-def check_run_folder(out: Path, cfg: dict, force: bool = False) -> Optional[str]:
-    """Refuse a run folder that cannot take this run; return "finished" if it already holds it.
-
-    ``cfg`` carries the method's completed options (:func:`check_runnable`). A
-    folder holding a finished or a resumable run with a different config is
-    refused, listing the keys that differ, unless ``force`` (retrain there).
-    """
+def check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become a run folder (a file, or a place this user cannot write)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file; give a folder for the run")
@@ -466,6 +461,17 @@ def check_run_folder(out: Path, cfg: dict, force: bool = False) -> Optional[str]
         raise UserError(f"--out {out}: {existing} is a file, so the run folder cannot be created there")
     if not can_write_in(existing):
         raise UserError(f"--out {out}: cannot write in {existing}; choose a folder you can write to")
+
+
+def check_run_folder(out: Path, cfg: dict, force: bool = False) -> Optional[str]:
+    """Refuse a run folder that cannot take this run; return "finished" if it already holds it.
+
+    ``cfg`` carries the method's completed options (:func:`check_runnable`). A
+    folder holding a finished or a resumable run with a different config is
+    refused, listing the keys that differ, unless ``force`` (retrain there).
+    """
+    out = Path(out)
+    check_out_folder(out)
     if force:
         return None
     finished = finished_run(out)

@@ -35,6 +35,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from manidp import _version
+from manidp._files import atomic_save, atomic_write_text, result_id
 from manidp.config import check_run_folder, check_runnable, config_differences, default_out_dir
 from manidp.data import build_dataset
 from manidp.errors import UserError
@@ -44,7 +45,7 @@ from manidp.methods import METHODS, RunContext, load_all
 from manidp.models import build_backbone, load_state_file
 from manidp.tracking import RunTracker
 
-__all__ = ["train", "load_model", "evaluate_run", "TrainingDiverged", "atomic_save"]
+__all__ = ["train", "load_model", "evaluate_run", "TrainingDiverged"]
 
 CHECKPOINT_FORMAT = "manidp-checkpoint-1"
 MODEL_FORMAT = "manidp-model-1"
@@ -52,19 +53,6 @@ MODEL_FORMAT = "manidp-model-1"
 
 class TrainingDiverged(UserError):
     """A non-finite loss: the run stops instead of training on NaNs."""
-
-
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- runtime setup
@@ -268,6 +256,7 @@ def train(cfg: dict) -> Path:
     start_epoch, history = 0, []
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
+        result_id(out)
     if checkpoint_file.is_file():
         state = load_state_file(checkpoint_file)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -285,7 +274,7 @@ def train(cfg: dict) -> Path:
         start_epoch, history = state["epoch"] + 1, state["history"]
         log(f"{out}: resuming after epoch {state['epoch'] + 1}/{cfg['train']['epochs']}")
     if dist.main:
-        _atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     tracker = RunTracker(out, cfg, enabled=dist.main)
     tracker.start(resume_history=history)
 
@@ -295,7 +284,10 @@ def train(cfg: dict) -> Path:
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=method.ddp_find_unused_parameters)
 
-    started = time.time() - sum(h.get("time_s", 0.0) for h in history)
+    def clock() -> float:  # wall time less the time spent logging to MLflow (a slow store is not training)
+        return time.time() - tracker.seconds
+
+    started = clock() - sum(h.get("time_s", 0.0) for h in history)
     if start_epoch == 0 and cfg["train"]["epochs"] > 0:
         method.on_train_start(model, ctx)
     try:
@@ -307,7 +299,7 @@ def train(cfg: dict) -> Path:
             if dist.main:
                 val = evaluate(model, method, val_loader, None, device, autocast, channels_last=channels_last)
                 row["val_top1"] = float(val["correct"].mean() * 100)
-            row["time_s"] = time.time() - started - sum(h.get("time_s", 0.0) for h in history)
+            row["time_s"] = clock() - started - sum(h.get("time_s", 0.0) for h in history)
             history.append(row)
             if dist.main:
                 atomic_save({"format": CHECKPOINT_FORMAT, "config": cfg, "epoch": epoch, "model": model.state_dict(),
@@ -315,7 +307,7 @@ def train(cfg: dict) -> Path:
                              "method_state": method.state_dict(), "history": history,
                              "rng": {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()}},
                             checkpoint_file)
-                _atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+                atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
                 tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
                 log(_epoch_line(row, cfg))
             dist.barrier()
@@ -324,7 +316,7 @@ def train(cfg: dict) -> Path:
         raise
 
     model = method.finalize(model, ctx)
-    train_time = time.time() - started
+    train_time = clock() - started
     if dist.main:
         metrics = _final_evaluation(model, method, splits, val_loader, test_loader, ctx, cfg, channels_last,
                                     dense_macs, dense_params, out)
@@ -437,7 +429,7 @@ def _write_final(model, method, splits, cfg, dense_macs, metrics, out: Path) -> 
     atomic_save({"format": MODEL_FORMAT, "config": cfg, "model": model.state_dict(),
                  "method_state": method.state_dict(), "num_classes": splits.num_classes,
                  "input_size": list(splits.input_size), "dense_macs": dense_macs}, out / "model.pt")
-    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
 
 
 def _numeric(metrics: dict) -> dict:

@@ -29,6 +29,7 @@ import RUN_DIR`` (and the workflow's summary step) imports it later.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from manidp._files import result_id
 from manidp.errors import UserError
 
 __all__ = ["resolve_uri", "init_store", "RunTracker", "import_run", "pending", "identity_tags", "find_result_runs",
@@ -54,6 +56,7 @@ STATE_FILE = "tracking.json"
 PENDING_FILE = "tracking_pending.json"
 IDENTITY_TAG = "manidp.identity"
 CONFIG_HASH_TAG = "manidp.config_hash"
+RESULT_TAG = "manidp.result_id"
 RUN_DIR_TAG = "run_dir"
 #: MLflow 3's UI opens such experiments on the runs table (not the GenAI overview).
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
@@ -122,9 +125,19 @@ class _RetryingClient:
         return lambda *args, **kwargs: _retry(attr, *args, **kwargs)
 
 
+#: MLflow's own HTTP retries (7, with exponential backoff, 120 s timeouts) stall a training run for minutes
+#: when its server dies; a run that cannot log finishes anyway and is imported later, so a few seconds of
+#: retrying is enough. A user's own setting of these variables wins.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
 def _client(uri: str) -> _RetryingClient:
     _quiet_mlflow()
     _check_reachable(uri)
+    if uri.startswith(("http://", "https://")):
+        for name, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(name, value)
     from mlflow.tracking import MlflowClient
 
     if not uri.startswith("sqlite:///"):
@@ -178,16 +191,18 @@ def _experiment_id(client, name: str) -> str:
 
 
 # ----------------------------------------------------------------- a result's identity
-def identity_tags(cfg: dict) -> dict[str, str]:
-    """The tags that name a result: dataset, backbone, method, budget, seed and the config hash."""
+def identity_tags(cfg: dict, result: str) -> dict[str, str]:
+    """The tags that name a result: dataset, backbone, method, budget, seed, the config hash and the run
+    folder's result id (``manidp._files.result_id``), so two folders trained alike stay two runs."""
     from manidp.config import config_hash
 
     digest = config_hash(cfg)
     budget = "none" if cfg["budget"] is None else f"{cfg['budget']:g}"
     return {
         "dataset": cfg["dataset"], "backbone": cfg["backbone"], "method": cfg["method"],
-        "budget": str(cfg["budget"]), "seed": str(cfg["seed"]), CONFIG_HASH_TAG: digest,
-        IDENTITY_TAG: f"{cfg['dataset']}/{cfg['backbone']}/{cfg['method']}/b{budget}/seed{cfg['seed']}/{digest}",
+        "budget": str(cfg["budget"]), "seed": str(cfg["seed"]), CONFIG_HASH_TAG: digest, RESULT_TAG: result,
+        IDENTITY_TAG: (f"{cfg['dataset']}/{cfg['backbone']}/{cfg['method']}/b{budget}/seed{cfg['seed']}/{digest}/"
+                       f"{result}"),
     }
 
 
@@ -268,6 +283,19 @@ def _metric_rows(metrics: dict, step: int):
 _OPEN: list["RunTracker"] = []
 
 
+def _timed(method):
+    """Add the call's duration to the tracker's ``seconds``."""
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - began
+
+    return timed
+
+
 class RunTracker:
     """The MLflow run of one result (see the module docstring for how it is found)."""
 
@@ -279,6 +307,8 @@ class RunTracker:
         self.client = None
         self.run_id: Optional[str] = None
         self.problem: Optional[str] = None
+        #: Seconds spent talking to the store, which the engine keeps out of the recorded training times.
+        self.seconds = 0.0
 
     def _fail(self, what: str, err: Exception) -> None:
         """Stop tracking this run and leave the marker that gets it imported later."""
@@ -289,6 +319,7 @@ class RunTracker:
         except OSError:
             pass
 
+    @_timed
     def start(self, resume_history: Iterable[dict] = ()) -> None:
         """Open the result's run.
 
@@ -299,7 +330,7 @@ class RunTracker:
         if not self.enabled:
             return
         history = list(resume_history)
-        tags = identity_tags(self.cfg)
+        tags = identity_tags(self.cfg, result_id(self.run_dir))
         run_dir = self.run_dir.resolve()
         try:
             self.client = _client(self.uri)
@@ -317,8 +348,9 @@ class RunTracker:
             else:
                 tags.update({RUN_DIR_TAG: str(run_dir), **_provenance(),
                              **{k: str(v) for k, v in self.cfg["tracking"]["tags"].items()}})
-                if self.cfg["tracking"]["parent_run_id"]:
-                    tags["mlflow.parentRunId"] = self.cfg["tracking"]["parent_run_id"]
+                parent = self.cfg["tracking"]["parent_run_id"]
+                if parent and _exists(self.client, parent):  # an imported folder's parent may be another store's
+                    tags["mlflow.parentRunId"] = parent
                 run = self.client.create_run(exp_id, tags=tags, run_name=self.run_dir.as_posix().replace("/", "_"))
                 self.run_id = run.info.run_id
                 self.client.log_batch(self.run_id, params=_params(self.cfg))
@@ -332,6 +364,7 @@ class RunTracker:
             return
         _OPEN.append(self)
 
+    @_timed
     def log_metrics(self, metrics: dict, step: int = 0) -> None:
         if not self.enabled:
             return
@@ -340,6 +373,7 @@ class RunTracker:
         except Exception as err:
             self._fail("could not log metrics", err)
 
+    @_timed
     def finish(self, artifacts=(), status: str = "FINISHED") -> None:
         """Close the run; if it could not be logged, say so (the run's files are complete)."""
         if self in _OPEN:
@@ -365,6 +399,14 @@ class RunTracker:
         """Close the run of a process that is dying: KILLED when interrupted, FAILED on an error."""
         interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
         self.finish(status="KILLED" if interrupted else "FAILED")
+
+
+def _exists(client, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+        return True
+    except Exception:
+        return False
 
 
 def abort_open_runs(error: BaseException) -> None:
@@ -395,12 +437,14 @@ def _saved(run_dir: Path) -> tuple[dict, dict]:
 def import_run(run_dir: str | Path, uri: Optional[str] = None) -> str:
     """Mirror a finished run folder into MLflow, replacing any run of its identity; returns the run id.
 
+    The store is this process's (``uri``, else ``MLFLOW_TRACKING_URI``, else
+    the default), never the one named in the folder's own config: a folder
+    someone sent you must not decide where files are written or data is sent.
     Importing the same folder twice leaves one run.
     """
     run_dir = Path(run_dir)
     cfg, metrics = _saved(run_dir)
-    if uri:
-        cfg["tracking"]["uri"] = uri
+    cfg["tracking"]["uri"] = resolve_uri(uri)
     cfg["tracking"]["enabled"] = True
     history = []
     if (run_dir / "history.jsonl").is_file():
@@ -480,7 +524,7 @@ def _result_run(client, exp_id: str, run_dir: Path):
         cfg = yaml_load((run_dir / "config.yaml").read_text())
     except Exception:
         return None
-    runs = [r for r in find_result_runs(client, exp_id, identity_tags(cfg)[IDENTITY_TAG])
+    runs = [r for r in find_result_runs(client, exp_id, identity_tags(cfg, result_id(run_dir))[IDENTITY_TAG])
             if r.info.status == "FINISHED"]
     for twin in runs[1:]:
         client.delete_run(twin.info.run_id)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,17 +12,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import manidp_cli, small_run_config
+from conftest import free_port, manidp_cli, small_run_config
 from manidp import tracking
 from manidp.engine import TrainingDiverged, train
 from manidp.errors import UserError
 from manidp.tracking import PENDING_FILE, import_run, init_store, log_summary
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _client(uri: str):
@@ -133,7 +125,7 @@ def test_restarted_run_replaces_a_stale_run_with_a_clean_history(tmp_path, data_
     assert new.info.run_id != old.info.run_id and new.info.status == "FINISHED"
     stale = _client(uri).get_run(old.info.run_id)
     assert stale.info.status == "KILLED" and stale.info.lifecycle_stage == "deleted"
-    assert new.data.tags["manidp.identity"] == old.data.tags["manidp.identity"]
+    assert new.data.tags["run_dir"] == old.data.tags["run_dir"]  # found by its folder (a new folder, a new id)
     assert _steps(uri, new.info.run_id, "train_loss") == [0]
 
 
@@ -142,9 +134,11 @@ def test_identity_is_the_result_not_where_or_how_it_ran(tmp_path, data_cache):
 
     base = small_run_config(tmp_path / "a", data_cache)
     same = small_run_config(tmp_path / "b", data_cache, **{"runtime.threads": 1, "tracking.enabled": True})
-    assert identity_tags(same) == identity_tags(base)
+    assert identity_tags(same, "r1") == identity_tags(base, "r1")
     for key, value in {"train.lr": 0.05, "seed": 1, "data.max_train": 256}.items():
-        assert identity_tags(small_run_config(tmp_path / "a", data_cache, **{key: value})) != identity_tags(base)
+        changed = small_run_config(tmp_path / "a", data_cache, **{key: value})
+        assert identity_tags(changed, "r1") != identity_tags(base, "r1")
+    assert identity_tags(base, "r2") != identity_tags(base, "r1")  # another folder is another result
 
 
 def test_runs_that_die_are_marked_failed_or_killed(tmp_path, data_cache, store, monkeypatch):
@@ -204,26 +198,8 @@ def test_locked_database_is_retried_not_given_up(monkeypatch):
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start within 90 s")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=30)
+def mlflow_server(mlflow_server_process) -> str:
+    return mlflow_server_process[0]
 
 
 def test_real_mlflow_server_receives_a_run(tmp_path, data_cache, mlflow_server):
@@ -237,7 +213,7 @@ def test_real_mlflow_server_receives_a_run(tmp_path, data_cache, mlflow_server):
 
 
 def test_unreachable_store_leaves_a_marker_that_import_and_summary_pick_up(tmp_path, data_cache, store):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     with pytest.warns(UserWarning, match="NOT in the MLflow store.*manidp tracking import"):
         first = train(_tracked(tmp_path / "run0", data_cache, dead))
     assert (first / "metrics.json").is_file() and (first / "model.pt").is_file()
