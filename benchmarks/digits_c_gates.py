@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 from unittest import mock
@@ -40,7 +41,7 @@ from manidp.latency import measure_latency, optimized_dense, prepare_deployed
 from manidp.methods.manidp import SaliencyGate
 
 
-def _deployed(method, model, inputs, info, form: str):
+def _deployed(method, model, planning, info, form: str):
     if form == "training_gate":
         with mock.patch.object(SaliencyGate, "inference_form", None):
             deployed = method.deploy(model).eval()
@@ -49,14 +50,14 @@ def _deployed(method, model, inputs, info, form: str):
     if form != "compiled_gate":
         for block in deployed_blocks(deployed).values():
             block.use_kernels = False  # the ATen gate and a multiply
-    return prepare_deployed(deployed, inputs, info["memory_format"], info["mode"])[0]
+    return prepare_deployed(deployed, planning, info["memory_format"], info["mode"])[0]
 
 
 def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
-def compare(run: Path, instances: int, repeats: int, dense_dir: Path | None = None) -> dict:
+def compare(run: Path, instances: int, repeats: int, dense_dir: Path | None = None, inductor: bool = True) -> dict:
     dense_dir = dense_dir or run.parent.parent / "dense" / run.name
     if not (run / "model.pt").is_file() or not (dense_dir / "model.pt").is_file():
         raise UserError(f"{run} needs model.pt and a finished dense run at {dense_dir}")
@@ -68,15 +69,16 @@ def compare(run: Path, instances: int, repeats: int, dense_dir: Path | None = No
     dense = load_model(dense_dir, "cpu")[0].eval()
     splits = build_dataset(cfg["dataset"], cfg["data"], seed=cfg["seed"])
     inputs = [splits.test[i][0][None] for i in range(min(instances, len(splits.test)))]
-    reference, info = optimized_dense(dense, inputs)
+    planning = [splits.val[i][0][None] for i in range(min(8, len(splits.val)))]  # never the timed instances
+    reference, info = optimized_dense(dense, inputs, inductor=inductor)
     names = (("training_gate",) if cfg["method"] == "manidp" else ()) + ("aten_gate", "compiled_gate")
-    forms = {name: _deployed(method, model, inputs, info, name) for name in names}
+    forms = {name: _deployed(method, model, planning, info, name) for name in names}
     with torch.inference_mode():
         outputs = {name: torch.cat([f(x.clone()) for x in inputs]) for name, f in forms.items()}
     times = measure_latency({"dense": reference, **forms}, inputs, warmup=3, repeats=repeats)
     ms = {name: statistics.median(t) for name, t in times.items()}
     result = {"run": str(run), "method": cfg["method"], "threads": torch.get_num_threads(),
-              "dense_reference": f"{info['mode']}/{info['memory_format']}", "median_ms": ms,
+              "dense_reference": info, "median_ms": ms, "load_average": os.getloadavg(),
               "speed_vs_dense": {name: ms["dense"] / ms[name] for name in forms},
               "compiled_rel_error": _rel_error(outputs["compiled_gate"], outputs["aten_gate"]),
               "gate_kernel": kernels.status()}
@@ -92,11 +94,13 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--instances", type=int, default=16)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--no-inductor", dest="inductor", action="store_false",
+                   help="leave torch.compile (Inductor) out of the dense reference's candidates")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
         for run in args.runs:
-            print(json.dumps(compare(run, args.instances, args.repeats, args.dense)))
+            print(json.dumps(compare(run, args.instances, args.repeats, args.dense, args.inductor)))
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
 

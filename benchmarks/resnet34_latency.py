@@ -20,18 +20,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 
 import timm
 import torch
 
-from manidp.gating import DEFAULT_SLICE_CACHE_MB, deploy_model, deployed_blocks, insert_gates, kept_channels
-from manidp.latency import (MEMORY_FORMATS, InMemoryFormat, hardware_profile, measure_latency, optimized_dense,
-                            prepare_deployed, spread, time_side_by_side)
+from manidp.gating import (DEFAULT_SLICE_CACHE_MB, deploy_model, deployed_blocks, insert_gates, kept_channels,
+                           slice_cache)
+from manidp.latency import (MEMORY_FORMATS, InMemoryFormat, distinct_kept_sets, hardware_profile, measure_latency,
+                            optimized_dense, prepare_deployed, spread, time_side_by_side)
 from manidp.macs import InstanceMacs, count_macs
 from manidp.methods.manidp import SaliencyGate
 
 INPUT = (3, 224, 224)
+PATTERNS = ("static", "per_instance")
+CALIBRATION = 16  # random inputs that place the per-instance gates' thresholds (never planned on nor timed)
 
 
 def _kept_count(rate: float, channels: int, multiple: int = 1) -> int:
@@ -51,11 +55,50 @@ def force_keep_pattern(gates, rate: float, generator: torch.Generator, multiple:
             site.gate.fc2.bias.copy_(bias)
 
 
-def gated_resnet34(reduction: float, seed: int = 0, multiple: int = 1):
-    """(dense model, gated model, measured MACs ratio, keep rate) for the requested reduction.
+def draw_per_instance(gated, gates, rate: float, calibration: torch.Tensor, generator: torch.Generator, macs,
+                      threshold: float = 1.0) -> float:
+    """Make every gate keep a kept set that varies per instance, each channel kept for about ``rate`` of them.
 
-    The keep rate is chosen on the kept counts alone; the MACs ratio reported
-    is then measured from the masks a real forward produces.
+    Each gate's two Linear layers become random projections of its pooled
+    input, standardised per input channel on ``calibration`` (a batch disjoint
+    from the planning and timed instances); each output channel's bias puts
+    the threshold at that channel's ``1 - rate`` quantile. Calibrated in one
+    batched forward, gate by gate in forward order, so every gate sees inputs
+    the gates before it already shaped. The kept count varies per instance
+    (the MACs ratio is measured on the timed instances' own masks). Returns
+    the mean MACs ratio of the calibration batch.
+    """
+    def calibrate(site):
+        def hook(gate, args):
+            pooled = args[0].mean((2, 3)).float()
+            hidden, inputs = gate.fc1.weight.shape
+            w1 = torch.randn(hidden, inputs, generator=generator) / pooled.std(0).clamp(min=1e-6) / inputs ** 0.5
+            w2 = torch.randn(site.out_channels, hidden, generator=generator) / hidden ** 0.5
+            z = torch.relu(pooled @ w1.T) @ w2.T
+            gate.fc1.weight.copy_(w1)
+            gate.fc2.weight.copy_(w2)
+            gate.fc2.bias.copy_(threshold - torch.quantile(z, 1 - rate, dim=0))
+            gate.threshold.fill_(threshold)
+            gate.clamp_max = threshold  # kept channels' mask is exactly 1, as in the static pattern
+        return hook
+
+    handles = [site.gate.register_forward_pre_hook(calibrate(site)) for site in gates]
+    try:
+        with torch.no_grad():
+            gated(calibration)
+    finally:
+        for handle in handles:
+            handle.remove()
+    counter, dense_macs = macs
+    return float(counter(len(calibration), *kept_channels(gates)).mean()) / dense_macs
+
+
+def gated_resnet34(reduction: float, seed: int = 0, multiple: int = 1, pattern: str = "static",
+                   calibration: torch.Tensor | None = None):
+    """(dense model, gated model, gates, keep rate) for the requested reduction and keep pattern.
+
+    The keep rate is chosen on the kept counts alone (as if static); the MACs
+    ratio is then measured from the masks real forwards produce.
     """
     torch.manual_seed(seed)
     dense = timm.create_model("resnet34", pretrained=False).eval()
@@ -77,45 +120,132 @@ def gated_resnet34(reduction: float, seed: int = 0, multiple: int = 1):
         return float(counter(1, in_kept, out_kept)[0]) / dense_macs
 
     rate = min((i / 512 for i in range(1, 513)), key=lambda r: abs(1 - planned_ratio(r) - reduction))
-    force_keep_pattern(gates, rate, torch.Generator().manual_seed(seed), multiple)
+    if pattern == "static":
+        force_keep_pattern(gates, rate, torch.Generator().manual_seed(seed), multiple)
+    else:
+        # a channel kept at random for a fraction r of instances costs more than r of the MACs on average
+        # (conv2 pays kept in x kept out, and the counts vary): correct r on the calibration batch
+        for attempt in range(4):
+            ratio = draw_per_instance(gated, gates, rate, calibration, torch.Generator().manual_seed(seed),
+                                      (counter, dense_macs))
+            if attempt == 3 or abs(ratio - (1 - reduction)) < 0.005:
+                break
+            rate = min(1.0, rate * ((1 - reduction) / ratio) ** 0.5)
+    return dense, gated, gates, rate, (counter, dense_macs)
+
+
+def measured_macs_ratio(gated, gates, macs, inputs) -> float:
+    """Mean MACs ratio of ``inputs`` from the masks a real forward produces (gates included)."""
+    counter, dense_macs = macs
     with torch.no_grad():
-        gated(torch.randn(1, *INPUT))
-    measured = float(counter(1, *kept_channels(gates))[0]) / dense_macs
-    return dense, gated, measured, rate
+        gated(torch.cat(inputs))
+    return float(counter(len(inputs), *kept_channels(gates)).mean()) / dense_macs
 
 
-def ablations(dense, gated, inputs, args, threads: int, macs_ratio: float) -> dict:
+class IndependentOneDNNResNet34(torch.nn.Module):
+    """timm's resnet34 as prepacked oneDNN calls, written without the project's code: the cross-check
+    that the project's dense reference (``manidp.latency.optimized_dense``) leaves nothing on the table.
+
+    BN folded by hand, each weight reordered once for its input shape, ReLU fused
+    into conv1 and the stem, the residual sum and its ReLU fused into conv2
+    (oneDNN's binary post-op), channels_last activations.
+    """
+
+    def __init__(self, model, input_shape):
+        super().__init__()
+        shapes = {}
+        hooks = [m.register_forward_pre_hook(lambda m, a: shapes.__setitem__(m, list(a[0].shape)))
+                 for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        with torch.no_grad():
+            model(torch.zeros(input_shape))
+        for h in hooks:
+            h.remove()
+
+        def pack(conv, bn):
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            weight = (conv.weight * scale[:, None, None, None]).detach()
+            bias = (bn.bias - bn.running_mean * scale).detach()
+            args = (list(conv.padding), list(conv.stride), list(conv.dilation))
+            return (torch.ops.mkldnn._reorder_convolution_weight(weight, *args, 1, shapes[conv]), bias, *args)
+
+        self.stem = pack(model.conv1, model.bn1)
+        self.maxpool, self.fc = model.maxpool, model.fc
+        self.blocks = [(pack(b.conv1, b.bn1), pack(b.conv2, b.bn2),
+                        None if b.downsample is None else pack(b.downsample[0], b.downsample[1]))
+                       for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
+
+    @staticmethod
+    def _conv(x, packed, relu):
+        weight, bias, padding, stride, dilation = packed
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, 1,
+                                                       "relu" if relu else "none", [], "")
+
+    def forward(self, x):
+        x = self.maxpool(self._conv(x.contiguous(memory_format=torch.channels_last), self.stem, True))
+        for conv1, conv2, downsample in self.blocks:
+            y = self._conv(x, conv1, True)
+            shortcut = x if downsample is None else self._conv(x, downsample, False)
+            weight, bias, padding, stride, dilation = conv2
+            x = torch.ops.mkldnn._convolution_pointwise.binary(y, shortcut, weight, bias, padding, stride, dilation,
+                                                               1, "add", 1.0, "relu", [], "")
+        return self.fc(x.mean((2, 3)))
+
+
+def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio: float, dense_reference) -> dict:
     """What each optimization buys: the deployed form with one of them removed, all timed side by side.
 
     ``full``: everything; ``no_slice_cache``: slices gathered (unpacked) on
     every call; ``eager_gates``: gates as eager modules, not frozen TorchScript;
     ``nchw``: NCHW activations instead of the dense reference's format;
-    ``no_dispatch``: every block gathered, nothing frozen; ``aten_ops``: no
+    ``no_dispatch``: every block gathered, nothing compiled; ``aten_ops``: no
     compiled ops (:mod:`manidp.kernels`: gate, scale + pool, residual + ReLU
-    as ATen ops). Ratios are against the optimized dense reference.
+    as ATen ops). Each is planned and warmed on ``plan_inputs`` and its slice
+    cache restored before every pass. Ratios are against the optimized dense
+    reference.
     """
-    reference, info = optimized_dense(dense, inputs)
+    reference, info = dense_reference
     fmt, mode = info["memory_format"], info["mode"]
+    restore = {}
 
-    def variant(cache_mb=args.slice_cache_mb, memory_format=fmt, eager_gates=False, compiled=True):
+    def variant(name, cache_mb=args.slice_cache_mb, memory_format=fmt, eager_gates=False, compiled=True,
+                dispatch=True):
         deployed = deploy_model(gated, slice_cache_mb=cache_mb)
         for block in deployed_blocks(deployed).values():
             block.use_kernels = compiled
             if eager_gates:
                 block.fused = [getattr(block, f"gate{i + 1}") for i in range(len(block.fused))]
-        return prepare_deployed(deployed, inputs, memory_format, mode)[0]
+        if dispatch:
+            runnable = prepare_deployed(deployed, plan_inputs, memory_format, mode)[0]
+        else:
+            runnable = InMemoryFormat(deployed.to(memory_format=MEMORY_FORMATS[memory_format]), memory_format)
+            with torch.inference_mode():
+                for x in plan_inputs:
+                    runnable(x.clone())
+        warm = slice_cache(deployed).snapshot()
+        restore[name] = lambda: slice_cache(deployed).restore(warm)
+        return runnable
 
-    undispatched = deploy_model(gated, slice_cache_mb=args.slice_cache_mb).to(memory_format=MEMORY_FORMATS[fmt])
-    models = {"dense_eager": dense, "dense": reference, "full": variant(), "no_slice_cache": variant(cache_mb=0),
-              "eager_gates": variant(eager_gates=True), "aten_ops": variant(compiled=False),
-              "nchw": variant(memory_format="contiguous" if fmt == "channels_last" else "channels_last"),
-              "no_dispatch": InMemoryFormat(undispatched, fmt)}
-    times = measure_latency(models, inputs, args.warmup, args.repeats, args.clock)
+    models = {"dense_eager": dense, "dense": reference, "full": variant("full"),
+              "no_slice_cache": variant("no_slice_cache", cache_mb=0),
+              "eager_gates": variant("eager_gates", eager_gates=True), "aten_ops": variant("aten_ops", compiled=False),
+              "nchw": variant("nchw", memory_format="contiguous" if fmt == "channels_last" else "channels_last"),
+              "no_dispatch": variant("no_dispatch", dispatch=False)}
+    times = measure_latency(models, inputs, args.warmup, args.repeats, args.clock, restore)
     medians = {name: spread(t)["median"] for name, t in times.items()}
     return {"benchmark": "resnet34_latency_ablations", "threads": threads, "clock": args.clock,
-            "macs_ratio": macs_ratio,
-            "dense_reference": info, "ms": medians,
+            "macs_ratio": macs_ratio, "dense_reference": info, "ms": medians,
             "latency_ratio": {name: ms / medians["dense"] for name, ms in medians.items()},
+            "load_average": os.getloadavg(), "profile": hardware_profile("cpu", threads, "fp32")}
+
+
+def crosscheck(dense_reference, independent, inputs, args, threads: int) -> dict:
+    """The project's dense reference against :class:`IndependentOneDNNResNet34`, side by side."""
+    times = measure_latency({"reference": dense_reference[0], "independent": independent}, inputs, args.warmup,
+                            args.repeats, args.clock)
+    ms = {name: spread(t)["median"] for name, t in times.items()}
+    return {"benchmark": "resnet34_dense_crosscheck", "threads": threads, "clock": args.clock,
+            "dense_reference": dense_reference[1], "ms": ms, "reference_over_independent":
+            ms["reference"] / ms["independent"], "load_average": os.getloadavg(),
             "profile": hardware_profile("cpu", threads, "fp32")}
 
 
@@ -123,15 +253,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reduction", type=float, default=0.55, help="requested MACs reduction (default 0.55)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS),
+                        help="keep patterns: static (every input keeps the same channels) and per_instance "
+                             "(a kept set per instance); default both")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--instances", type=int, default=2, help="random inputs per repeat")
+    parser.add_argument("--instances", type=int, default=2, help="timed random inputs per repeat")
+    parser.add_argument("--plan-instances", type=int, default=2,
+                        help="other random inputs the deployed form is planned and warmed on")
     parser.add_argument("--slice-cache-mb", type=float, default=DEFAULT_SLICE_CACHE_MB,
                         help="memory cap of the deployed form's slice cache")
     parser.add_argument("--round-to", type=int, default=1,
-                        help="kept counts rounded to this multiple (8/16: oneDNN's SIMD block; default 1 = none)")
+                        help="static kept counts rounded to this multiple (8/16: oneDNN's SIMD block; default 1)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: the calling thread's CPU time (1 thread only; robust when others share the cores)")
+    parser.add_argument("--no-inductor", dest="inductor", action="store_false",
+                        help="leave torch.compile (Inductor) out of the dense reference's candidates")
     parser.add_argument("--ablations", action="store_true",
                         help="also time the deployed form with one optimization removed at a time, side by side")
     parser.add_argument("--profile", action="store_true",
@@ -140,30 +277,47 @@ def main(argv=None) -> int:
     if args.round_to < 1:
         parser.error("--round-to must be >= 1")
 
-    dense, gated, macs_ratio, rate = gated_resnet34(args.reduction, multiple=args.round_to)
-    inputs = [torch.randn(1, *INPUT) for _ in range(args.instances)]
-    with torch.no_grad():
-        reference = torch.cat([gated(x) for x in inputs])
+    generator = torch.Generator().manual_seed(1)
+    inputs, plan_inputs, calibration = ([torch.randn(1, *INPUT, generator=generator) for _ in range(n)]
+                                        for n in (args.instances, args.plan_instances, CALIBRATION))
+    models = {pattern: gated_resnet34(args.reduction, multiple=args.round_to, pattern=pattern,
+                                      calibration=torch.cat(calibration)) for pattern in args.patterns}
+    dense = next(iter(models.values()))[0]
+    independent = IndependentOneDNNResNet34(dense, (1, *INPUT))
     for threads in args.threads:
         torch.set_num_threads(threads)
-        deployed = deploy_model(gated, slice_cache_mb=args.slice_cache_mb)  # planned on this thread count
-        fields = time_side_by_side(dense, deployed, inputs, reference, args.warmup, args.repeats, args.clock)
-        print(json.dumps({
-            "benchmark": "resnet34_latency", "threads": threads, "requested_reduction": args.reduction,
-            "round_to": args.round_to,
-            "keep_rate": rate, "macs_ratio": macs_ratio,
-            "latency_over_macs": fields["latency_ratio"] / macs_ratio, **fields,
-            "repeats": args.repeats, "profile": hardware_profile("cpu", threads, "fp32"),
-        }), flush=True)
-        if args.ablations:
-            print(json.dumps(ablations(dense, gated, inputs, args, threads, macs_ratio)), flush=True)
-        if args.profile:
-            from torch.profiler import ProfilerActivity, profile
+        dense_reference = optimized_dense(dense, inputs, inductor=args.inductor)  # chosen at this thread count
+        print(json.dumps(crosscheck(dense_reference, independent, inputs, args, threads)), flush=True)
+        for pattern, (_, gated, gates, rate, macs) in models.items():
+            macs_ratio = measured_macs_ratio(gated, gates, macs, inputs)
+            kept_sets = distinct_kept_sets(gated)
+            with torch.no_grad():
+                reference = torch.cat([gated(x) for x in inputs])
+            deployed = deploy_model(gated, slice_cache_mb=args.slice_cache_mb)  # planned on this thread count
+            fields = time_side_by_side(dense, deployed, inputs, reference, args.warmup, args.repeats, args.clock,
+                                       dense_reference=dense_reference, plan_batches=plan_inputs)
+            print(json.dumps({
+                "benchmark": "resnet34_latency", "keep_pattern": pattern, "threads": threads,
+                "requested_reduction": args.reduction, "round_to": args.round_to if pattern == "static" else 1,
+                "keep_rate": rate, "macs_ratio": macs_ratio, "distinct_kept_sets": kept_sets,
+                "instances": len(inputs), "plan_instances": len(plan_inputs),
+                "latency_over_macs": fields["latency_ratio"] / macs_ratio, **fields,
+                "repeats": args.repeats, "load_average": os.getloadavg(),
+                "profile": hardware_profile("cpu", threads, "fp32"),
+            }), flush=True)
+            if args.ablations:
+                print(json.dumps(ablations(dense, gated, inputs, plan_inputs, args, threads, macs_ratio,
+                                           dense_reference) | {"keep_pattern": pattern}), flush=True)
+            if args.profile:
+                from torch.profiler import ProfilerActivity, profile
 
-            with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
-                for x in inputs:
-                    deployed(x.clone())
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+                runnable = prepare_deployed(deploy_model(gated, slice_cache_mb=args.slice_cache_mb), plan_inputs,
+                                            dense_reference[1]["memory_format"], dense_reference[1]["mode"])[0]
+                with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for x in inputs:
+                        runnable(x.clone())
+                print(f"# {pattern}, {threads} thread(s)", file=sys.stderr)
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
     return 0
 
 

@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import statistics
 import time
 import warnings
@@ -103,6 +104,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models.resnet import BasicBlock, Bottleneck
 
@@ -113,7 +115,7 @@ from manidp.models.cifar_resnet import CifarBasicBlock
 __all__ = [
     "GateFactory", "GateSpec", "ChannelGate", "GateKernel", "BLOCKS", "register_gated_block", "insert_gates",
     "gated_layers", "kept_channels", "round_kept", "copy_model", "deploy_model", "plan_deployment",
-    "compile_deployed", "fold_batchnorm", "trace_and_freeze", "deployed_blocks", "slice_cache",
+    "compile_deployed", "fold_batchnorm", "fuse_onednn", "trace_and_freeze", "deployed_blocks", "slice_cache",
     "set_slice_cache_limit", "cast_deployed", "SliceCache", "DEFAULT_SLICE_CACHE_MB", "DeployedBasicBlock",
     "DeployedBottleneck", "DeployedInvertedResidual",
 ]
@@ -459,6 +461,17 @@ class _SlicedConv:
         y = _conv(x, self.weight, self.bias, g.stride, g.padding, g.dilation, self.groups)
         return y.relu_() if relu else y
 
+    def add(self, x: torch.Tensor, other: torch.Tensor, relu: bool) -> torch.Tensor:
+        """``conv(x) + other`` (then ReLU), the sum fused into the convolution where oneDNN runs it: the
+        residual add of a block costs no extra pass over memory."""
+        g = self.geometry
+        if self.packed:
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, other, self.weight, self.bias, list(g.padding), list(g.stride), list(g.dilation), self.groups,
+                "add", 1.0, "relu" if relu else None, [], "")
+        y = _conv(x, self.weight, self.bias, g.stride, g.padding, g.dilation, self.groups).add_(other)
+        return y.relu_() if relu else y
+
 
 class SliceCache:
     """Bounded LRU cache of sliced (and prepacked) BN-folded weights, keyed by kept-channel set.
@@ -499,6 +512,17 @@ class SliceCache:
         self._entries.clear()
         self.bytes = 0
 
+    def snapshot(self) -> tuple:
+        """The entries as they are now (references to the slices, no copies), for :meth:`restore`."""
+        return OrderedDict(self._entries), self.bytes
+
+    def restore(self, state: tuple) -> None:
+        """Back to a :meth:`snapshot`: what was cached since is dropped. A timer restores the cache before
+        every pass over the same instances, so no pass finds slices that an earlier pass of those
+        instances left: each sees the cache its first pass saw."""
+        entries, self.bytes = state
+        self._entries = OrderedDict(entries)
+
     def reset_counts(self) -> None:
         self.hits = self.misses = self.evictions = 0
 
@@ -513,6 +537,14 @@ class SliceCache:
 
     def __deepcopy__(self, memo) -> "SliceCache":
         return SliceCache(self.max_bytes)  # packed oneDNN weights cannot be copied; a copy refills itself
+
+
+class _PackedConvs(dict):
+    """A block's full-width prepacked convolutions, by (name, input shape, dtype); oneDNN's blocked weights
+    cannot be copied, so a copy starts empty and refills on use."""
+
+    def __deepcopy__(self, memo) -> "_PackedConvs":
+        return _PackedConvs()
 
 
 #: Default memory cap of a deployed model's slice cache.
@@ -574,6 +606,7 @@ class _Deployed(nn.Module):
         self.cache = SliceCache(int(DEFAULT_SLICE_CACHE_MB * 2 ** 20))
         self.recorded: Optional[list] = None  # masks of dense calls, while a plan counts kept channels
         self.use_kernels = True  # the compiled ops where they run (False: ATen only, to compare)
+        self.full = _PackedConvs()  # the dense path's convolutions and the shortcut, prepacked per input shape
 
     def _set_gates(self, *gates: ChannelGate) -> None:
         """Keep the method's gates (fp32, eager: what a trace of the dense path inlines) and their fused
@@ -687,6 +720,35 @@ class _Deployed(nn.Module):
 
         return self.cache.get((id(self), name, *keys), sized)
 
+    def _full_conv(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   geometry: "_ConvGeometry", relu: bool, groups: int = 1) -> torch.Tensor:
+        """A full-width convolution of the dense path (then ReLU), prepacked and fused as the gathered slices
+        are on eager CPU calls (the dense reference gets the same, :func:`fuse_onednn`), else ``F.conv2d``
+        (inside a trace, on other devices)."""
+        if _PACKED and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) and not torch.jit.is_tracing():
+            key = (name, tuple(x.shape), x.dtype)
+            conv = self.full.get(key)
+            if conv is None:
+                conv = self.full[key] = _SlicedConv(weight, bias, geometry, groups, x.shape)
+            return conv(x, relu)
+        y = F.conv2d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation, groups)
+        return y.relu_() if relu else y
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's shortcut of ``x``: the downsample branch with its convolution prepacked (eager CPU calls)."""
+        downsample = getattr(self, "downsample", None)
+        if downsample is None:
+            return x
+        if _PACKED and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) and not torch.jit.is_tracing():
+            key = ("downsample", tuple(x.shape), x.dtype)
+            if key not in self.full:
+                try:
+                    self.full[key] = fuse_onednn(downsample, x)
+                except UserError:
+                    self.full[key] = downsample
+            return self.full[key](x)
+        return downsample(x)
+
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -794,14 +856,14 @@ class DeployedBasicBlock(_Deployed):
         conv2 = self._slice("conv2", (key1, key2, y.shape[2:]), lambda pack: _SlicedConv(
             self.w2.index_select(0, k2).index_select(1, k1), self.b2.index_select(0, k2), self.geo2, 1, y.shape, pack))
         z = conv2(y, False)
-        shortcut = x if self.downsample is None else self.downsample(x)
+        shortcut = self._shortcut(x)
         return _residual_relu(shortcut, k2, z, m2, self.act2, self.use_kernels)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
-        g1, g2 = self.geo1, self.geo2
-        y = self._masked(0, x, self.act1(F.conv2d(x, self.w1, self.b1, g1.stride, g1.padding, g1.dilation)))
-        z = self._masked(1, y, F.conv2d(y, self.w2, self.b2, g2.stride, g2.padding, g2.dilation))
-        shortcut = x if self.downsample is None else self.downsample(x)
+        y = self._full_conv("conv1", x, self.w1, self.b1, self.geo1, self.relu1)
+        y = self._masked(0, x, y if self.relu1 else self.act1(y))
+        z = self._masked(1, y, self._full_conv("conv2", y, self.w2, self.b2, self.geo2, False))
+        shortcut = self._shortcut(x)
         return self.act2(z.add_(shortcut))
 
 
@@ -844,15 +906,17 @@ class DeployedBottleneck(_Deployed):
         y2 = _scale(y2 if self.relu2 else self.act2(y2), m2, k2)
         conv3 = self._slice("conv3", (key2, y2.shape[2:]), lambda pack: _SlicedConv(
             self.w3.index_select(1, k2), self.b3, g3, 1, y2.shape, pack))
-        shortcut = x if self.downsample is None else self.downsample(x)
+        shortcut = self._shortcut(x)
         return self.act3(conv3(y2, False).add_(shortcut))
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         g1, g2, g3 = self.geo
-        y = self._masked(0, x, self.act1(F.conv2d(x, self.w1, self.b1, g1.stride, g1.padding, g1.dilation)))
-        y = self._masked(1, y, self.act2(F.conv2d(y, self.w2, self.b2, g2.stride, g2.padding, g2.dilation)))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act3(F.conv2d(y, self.w3, self.b3, g3.stride, g3.padding, g3.dilation).add_(shortcut))
+        y = self._full_conv("conv1", x, self.w1, self.b1, g1, self.relu1)
+        y = self._masked(0, x, y if self.relu1 else self.act1(y))
+        y2 = self._full_conv("conv2", y, self.w2, self.b2, g2, self.relu2)
+        y = self._masked(1, y, y2 if self.relu2 else self.act2(y2))
+        shortcut = self._shortcut(x)
+        return self.act3(self._full_conv("conv3", y, self.w3, self.b3, g3, False).add_(shortcut))
 
 
 class DeployedInvertedResidual(_Deployed):
@@ -897,10 +961,10 @@ class DeployedInvertedResidual(_Deployed):
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         g1, gd, g3 = self.geo
-        y = self.act1(F.conv2d(x, self.w1, self.b1, g1.stride, g1.padding, g1.dilation))
-        y = self.act2(F.conv2d(y, self.wd, self.bd, gd.stride, gd.padding, gd.dilation, self.wd.shape[0]))
+        y = self.act1(self._full_conv("pw", x, self.w1, self.b1, g1, False))
+        y = self.act2(self._full_conv("dw", y, self.wd, self.bd, gd, False, self.wd.shape[0]))
         y = self._masked(0, x, y)
-        out = self.act3(F.conv2d(y, self.w3, self.b3, g3.stride, g3.padding, g3.dilation))
+        out = self.act3(self._full_conv("pwl", y, self.w3, self.b3, g3, False))
         return out.add_(x) if self.has_skip else out
 
 
@@ -1005,6 +1069,7 @@ def cast_deployed(model: nn.Module, device=None, dtype: Optional[torch.dtype] = 
     for block in deployed_blocks(model).values():
         block._fuse_gates()  # frozen constants neither move nor cast: fuse again, in fp32, where the block now is
         block.cache.clear()  # slices of the old dtype / device
+        block.full.clear()
     return model
 
 
@@ -1031,6 +1096,102 @@ def trace_and_freeze(module: nn.Module, example: torch.Tensor) -> torch.jit.Scri
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """fx tracer that keeps deployed blocks whole (their shapes depend on the data)."""
+
+    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+        return isinstance(module, _Deployed) or super().is_leaf_module(module, name)
+
+
+def _is_relu(model: nn.Module, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return type(model.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_) and len(node.args) == 1
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
+
+
+def _other_summand(node: torch.fx.Node, conv: torch.fx.Node) -> Optional[torch.fx.Node]:
+    """The other tensor of ``conv + other`` when ``node`` is that sum of two same-shaped tensors, else None."""
+    if not (node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)
+            and len(node.args) == 2 and not node.kwargs):
+        return None
+    other = node.args[1] if node.args[0] is conv else node.args[0]
+    if other is conv or not isinstance(other, torch.fx.Node) or "tensor_meta" not in other.meta:
+        return None
+    mine, theirs = conv.meta["tensor_meta"], other.meta["tensor_meta"]
+    return other if (mine.shape, mine.dtype) == (theirs.shape, theirs.dtype) else None
+
+
+@torch.no_grad()
+def fuse_onednn(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``model`` (BN folded, eval) with every plain convolution run as the gathered path runs its slices.
+
+    Each ``nn.Conv2d`` becomes one oneDNN call on a weight reordered once for
+    inputs shaped like its input in ``example`` (:class:`_SlicedConv` at full
+    width), with a following ReLU fused, and a following residual sum (and its
+    ReLU) fused too (oneDNN's binary post-op). This is the deployed form's
+    convolution machinery given to a dense model, so a comparison between the
+    two measures channel skipping alone. Deployed blocks are left whole (they
+    pack their own). The result is an eager ``torch.fx.GraphModule`` (TorchScript
+    cannot hold oneDNN's blocked weights); a model fx cannot trace, or oneDNN
+    missing, raises ``UserError``.
+    """
+    if not (_PACKED and example.is_cpu and example.dtype in (torch.float32, torch.bfloat16)):
+        raise UserError("prepacked oneDNN convolutions need a CPU build of torch with oneDNN and fp32/bf16 inputs")
+    try:
+        gm = torch.fx.GraphModule(model, _LeafTracer().trace(model))
+    except Exception as err:  # noqa: BLE001 - fx raises many types
+        raise UserError(f"{type(model).__name__} cannot be traced by torch.fx: {err}") from err
+    graph = gm.graph
+    for node in list(graph.nodes):  # folded BNs and eval-mode dropouts are identities in between
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) in (nn.Identity, nn.Dropout):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    gm.recompile()
+    ShapeProp(gm).propagate(example)
+    for i, node in enumerate([n for n in graph.nodes if n.op == "call_module"
+                              and type(gm.get_submodule(n.target)) is nn.Conv2d]):
+        conv = gm.get_submodule(node.target)
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            continue
+        bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+        sliced = _SlicedConv(conv.weight.detach(), bias.detach(), _ConvGeometry.of(conv), conv.groups,
+                             node.args[0].meta["tensor_meta"].shape)
+        last, other, relu = node, None, False
+        users = list(node.users)
+        if len(users) == 1:
+            other = _other_summand(users[0], node)
+            if other is not None:
+                last = users[0]
+                users = list(last.users)
+            if len(users) == 1 and _is_relu(gm, users[0]):
+                last, relu = users[0], True
+        gm.register_buffer(f"_onednn_w{i}", sliced.weight, persistent=False)
+        gm.register_buffer(f"_onednn_b{i}", sliced.bias, persistent=False)
+        g = sliced.geometry
+        with graph.inserting_before(last):
+            weight, bias = graph.get_attr(f"_onednn_w{i}"), graph.get_attr(f"_onednn_b{i}")
+            if other is None:
+                fused = graph.call_function(torch.ops.mkldnn._convolution_pointwise.default, (
+                    node.args[0], weight, bias, list(g.padding), list(g.stride), list(g.dilation), conv.groups,
+                    "relu" if relu else "none", [], ""))
+            else:
+                fused = graph.call_function(torch.ops.mkldnn._convolution_pointwise.binary, (
+                    node.args[0], other, weight, bias, list(g.padding), list(g.stride), list(g.dilation),
+                    conv.groups, "add", 1.0, "relu" if relu else None, [], ""))
+        fused.meta = dict(last.meta)  # its shape, for the convolutions and sums that read it
+        last.replace_all_uses_with(fused)
+        while last is not node:
+            previous = last.args[0] if last.args[0] is not other else last.args[1]
+            graph.erase_node(last)
+            last = previous
+        graph.erase_node(node)
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@
 dynamic method: the form that never computes a pruned channel) and the dense
 model (``--dense RUN_DIR``'s weights, else the same architecture with fresh
 weights: latency does not depend on the values), and times both on the first
-N test instances **in one process**, after warm-up, with interleaved repeats
+N test instances **in one process** (a dynamic model planned and warmed on
+validation instances, so no timed kept set was seen before), after warm-up, with interleaved repeats
 (the order alternates every repeat so drift hits both alike), reporting the
 median per-instance time of each, their ratio and the MACs ratio of the very
 instances it ran. Shared machines are noisy: quote the ratios, never a lone
@@ -33,10 +34,12 @@ import torch.nn as nn
 from manidp import kernels
 from manidp.errors import UserError
 from manidp.gating import (DEFAULT_SLICE_CACHE_MB, cast_deployed, compile_deployed, deployed_blocks, fold_batchnorm,
-                           plan_deployment, set_slice_cache_limit, slice_cache, trace_and_freeze)
+                           fuse_onednn, gated_layers, plan_deployment, set_slice_cache_limit, slice_cache,
+                           trace_and_freeze)
 
 __all__ = ["measure_latency", "hardware_profile", "device_unavailable", "device_state", "latency_report", "spread",
-           "optimized_dense", "prepare_deployed", "time_side_by_side", "InMemoryFormat", "MEMORY_FORMATS"]
+           "optimized_dense", "inductor_compile", "prepare_deployed", "time_side_by_side", "distinct_kept_sets",
+           "InMemoryFormat", "MEMORY_FORMATS"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -99,7 +102,8 @@ def hardware_profile(device: str, threads: int, dtype: str, batch_size: int = 1)
 
 @torch.inference_mode()
 def measure_latency(models: Mapping[str, Callable], inputs: Sequence[torch.Tensor], warmup: int = 3,
-                    repeats: int = 10, clock: str = "wall") -> dict[str, list[float]]:
+                    repeats: int = 10, clock: str = "wall",
+                    before_pass: Optional[Mapping[str, Callable[[], None]]] = None) -> dict[str, list[float]]:
     """Per-instance time (ms) of each model over ``inputs``, one list entry per repeat.
 
     Each repeat runs every model once over all inputs, in an order that
@@ -112,6 +116,11 @@ def measure_latency(models: Mapping[str, Callable], inputs: Sequence[torch.Tenso
     (``time.thread_time``): with one torch thread on a machine other jobs
     share, it leaves out the time the process waited for a core. It is not a
     latency at more threads (the other threads' work is not counted).
+
+    ``before_pass``: per model name, a call made (untimed) before each of
+    that model's passes, warm-up included; a deployed model's slice cache is
+    restored there to its state after warm-up, so that running the same
+    instances again never turns their misses into hits.
     """
     if not inputs:
         raise UserError("latency needs at least one input instance")
@@ -124,7 +133,10 @@ def measure_latency(models: Mapping[str, Callable], inputs: Sequence[torch.Tenso
     cuda = inputs[0].is_cuda
     times = {name: [] for name in names}
 
-    def run(model) -> float:
+    def run(name) -> float:
+        model = models[name]
+        if before_pass and name in before_pass:
+            before_pass[name]()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -140,10 +152,10 @@ def measure_latency(models: Mapping[str, Callable], inputs: Sequence[torch.Tenso
 
     for _ in range(warmup):
         for name in names:
-            run(models[name])
+            run(name)
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
-            times[name].append(run(models[name]))
+            times[name].append(run(name))
     return times
 
 
@@ -169,62 +181,139 @@ class InMemoryFormat(nn.Module):
         return self.model(x.contiguous(memory_format=MEMORY_FORMATS[self.memory_format]))
 
 
-def optimized_dense(model: nn.Module, inputs: Sequence[torch.Tensor], repeats: int = 3) -> tuple[nn.Module, dict]:
+def inductor_compile(model: nn.Module, example: torch.Tensor) -> tuple[Callable, float]:
+    """``model`` compiled by Inductor with freezing on (weights constant-folded, oneDNN convolutions
+    prepacked, what ``torch.compile`` offers a deployed CPU model), compiled now on ``example``; returns
+    it and the compile time (s). Raises whatever the compiler raises (no C++ compiler, an op it cannot
+    lower): callers drop the candidate and record why."""
+    import torch._inductor.config as inductor_config
+
+    start = time.perf_counter()
+    compiled = torch.compile(model, dynamic=False)
+    with inductor_config.patch(freezing=True), torch.inference_mode():
+        compiled(example)
+    return compiled, time.perf_counter() - start
+
+
+def _reason(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def optimized_dense(model: nn.Module, inputs: Sequence[torch.Tensor], repeats: int = 3,
+                    inductor: bool = True) -> tuple[nn.Module, dict]:
     """The honest dense reference: every optimization that is not channel skipping.
 
-    BN folded into the convolutions, then the fastest of {eager, frozen
-    TorchScript} x {NCHW, channels_last}, measured here side by side on
-    ``inputs``. Returns the reference (taking NCHW inputs) and
-    ``{"mode", "memory_format", "candidates_ms"}``; the deployed form is then
-    built in the same memory format and compile mode.
+    BN folded into the convolutions, then the fastest of these candidates,
+    measured here side by side on ``inputs``: eager and frozen TorchScript in
+    NCHW and channels_last; ``onednn/channels_last``, the deployed form's own
+    convolution machinery (:func:`~manidp.gating.fuse_onednn`: weights
+    reordered once, ReLU and residual sums fused); and, with ``inductor``,
+    ``inductor/channels_last`` (:func:`inductor_compile`). A candidate that
+    cannot be built is dropped with its reason. Returns the reference (taking
+    NCHW inputs) and ``{"mode", "memory_format", "candidates_ms", "dropped",
+    "compile_s"}``; the deployed form is then built in the same memory format
+    and a matching mode (:func:`prepare_deployed`).
     """
     folded = fold_batchnorm(copy.deepcopy(model).eval().requires_grad_(False))
-    candidates = {}
+    candidates, dropped, compile_s = {}, {}, {}
     for name, memory_format in MEMORY_FORMATS.items():
         converted = copy.deepcopy(folded).to(memory_format=memory_format)
         candidates[f"eager/{name}"] = InMemoryFormat(converted, name)
         example = inputs[0].contiguous(memory_format=memory_format)
         candidates[f"torchscript/{name}"] = InMemoryFormat(trace_and_freeze(converted, example), name)
+    example = inputs[0].contiguous(memory_format=torch.channels_last)
+    try:
+        candidates["onednn/channels_last"] = InMemoryFormat(
+            fuse_onednn(copy.deepcopy(folded).to(memory_format=torch.channels_last), example), "channels_last")
+    except UserError as err:
+        dropped["onednn/channels_last"] = str(err)
+    if inductor and not example.is_cpu:
+        dropped["inductor/channels_last"] = "timed on the CPU only"
+    elif inductor:
+        try:
+            compiled, compile_s["inductor/channels_last"] = inductor_compile(
+                copy.deepcopy(folded).to(memory_format=torch.channels_last), example)
+            candidates["inductor/channels_last"] = InMemoryFormat(compiled, "channels_last")
+        except Exception as err:  # noqa: BLE001 - the compiler's many failure types all mean "no candidate"
+            dropped["inductor/channels_last"] = _reason(err)
     times = measure_latency(candidates, inputs, warmup=1, repeats=repeats)
     medians = {name: statistics.median(t) for name, t in times.items()}
     best = min(medians, key=medians.get)
     mode, memory_format = best.split("/")
-    return candidates[best], {"mode": mode, "memory_format": memory_format, "candidates_ms": medians}
+    return candidates[best], {"mode": mode, "memory_format": memory_format, "candidates_ms": medians,
+                              "dropped": dropped, "compile_s": compile_s}
 
 
 def prepare_deployed(deployed: nn.Module, inputs: Sequence[torch.Tensor], memory_format: str, mode: str,
-                     plan_instances: int = 4, plan_repeats: int = 5) -> tuple[nn.Module, dict]:
-    """A deployed model made ready for timing in the dense reference's memory format and compile mode.
+                     plan_repeats: int = 5) -> tuple[nn.Module, dict]:
+    """A deployed model made ready for timing in the dense reference's memory format and a matching mode.
 
-    :func:`~manidp.gating.plan_deployment` picks each block's path on the
-    first ``plan_instances`` inputs; with ``mode == "torchscript"`` the static
-    parts are frozen (:func:`~manidp.gating.compile_deployed`), as the dense
-    reference was. Returns the model to time (taking NCHW inputs) and
-    ``{"plan", "cache"}`` (the slice cache the timed calls use).
+    :func:`~manidp.gating.plan_deployment` picks each block's path on
+    ``inputs`` (planning instances: never the timed ones), the static parts
+    are compiled as the reference was (``torchscript``: frozen,
+    :func:`~manidp.gating.compile_deployed`; ``onednn`` and ``inductor``:
+    prepacked and fused, :func:`~manidp.gating.fuse_onednn`, which is what
+    Inductor emits for them; the gathered blocks' data-dependent shapes and
+    the compiled gate ops keep Inductor itself out), and the model runs
+    ``inputs`` once more so the slice cache holds what their kept sets need.
+    Returns the model to time (taking NCHW inputs) and ``{"plan", "cache",
+    "mode"}``.
     """
     deployed.to(memory_format=MEMORY_FORMATS[memory_format])
     converted = [x.contiguous(memory_format=MEMORY_FORMATS[memory_format]) for x in inputs]
-    plan = plan_deployment(deployed, converted[:plan_instances], plan_repeats, freeze_dense=mode == "torchscript")
+    plan = plan_deployment(deployed, converted, plan_repeats, freeze_dense=mode == "torchscript")
     cache = slice_cache(deployed)
-    runnable = compile_deployed(deployed, converted[0]) if mode == "torchscript" else deployed
-    return InMemoryFormat(runnable, memory_format), {"plan": plan, "cache": cache}
+    mode = "onednn" if mode == "inductor" else mode
+    runnable = deployed
+    if mode == "torchscript":
+        runnable = compile_deployed(deployed, converted[0])
+    elif mode == "onednn":
+        try:
+            runnable = fuse_onednn(deployed, converted[0].clone())
+        except UserError:
+            mode = "eager"
+    with torch.inference_mode():
+        for x in converted:
+            runnable(x.clone())
+    return InMemoryFormat(runnable, memory_format), {"plan": plan, "cache": cache, "mode": mode}
 
 
 def _optimized_like_dense(model: nn.Module, inputs: Sequence[torch.Tensor], memory_format: str,
-                          mode: str) -> nn.Module:
+                          mode: str) -> tuple[nn.Module, str]:
     """A static method's model (physically pruned, or masked per activation) with the reference's optimizations.
 
-    BN folded, the reference's memory format, frozen TorchScript when the
-    reference is; a model that does not trace runs eager (the outputs are
-    checked against the masked model's either way).
+    BN folded, the reference's memory format and mode (frozen TorchScript,
+    prepacked oneDNN or Inductor); a model that mode cannot take runs eager
+    (the outputs are checked against the masked model's either way). Returns
+    the model and the mode it got.
     """
     model = fold_batchnorm(model.eval()).to(memory_format=MEMORY_FORMATS[memory_format])
-    if mode == "torchscript":
-        try:
-            model = trace_and_freeze(model, inputs[0].contiguous(memory_format=MEMORY_FORMATS[memory_format]))
-        except RuntimeError:
-            pass
-    return InMemoryFormat(model, memory_format)
+    example = inputs[0].contiguous(memory_format=MEMORY_FORMATS[memory_format])
+    try:
+        if mode == "torchscript":
+            model = trace_and_freeze(model, example)
+        elif mode == "onednn":
+            model = fuse_onednn(model, example)
+        elif mode == "inductor":
+            model = inductor_compile(model, example)[0]
+    except Exception:  # noqa: BLE001 - any failure of a compiler means: run it eager
+        mode = "eager"
+    return InMemoryFormat(model, memory_format), mode
+
+
+def distinct_kept_sets(model: nn.Module) -> Optional[list[int]]:
+    """Per gate of a gated (masked) model, the number of distinct kept sets in its last forward's batch
+    (None for a model without gates): how often the deployed form's slice cache can hit at best."""
+    gates = gated_layers(model)
+    if not gates or any(site.mask is None for site in gates):
+        return None
+    return [int(torch.unique(site.mask != 0, dim=0).shape[0]) for site in gates]
+
+
+def _gate_kernel(x: torch.Tensor) -> str:
+    """Which gate form a deployed model timed on ``x`` ran: the compiled ops serve CPU tensors only."""
+    return kernels.status() if x.is_cpu else f"ATen ({x.device.type}: the compiled ops run on the CPU only)"
 
 
 def _plan_summary(plan: dict) -> dict:
@@ -234,37 +323,51 @@ def _plan_summary(plan: dict) -> dict:
 
 def time_side_by_side(dense_eager: nn.Module, deployed: nn.Module, batches: Sequence[torch.Tensor],
                       reference: torch.Tensor, warmup: int, repeats: int, clock: str = "wall",
-                      dense_reference: Optional[tuple[nn.Module, dict]] = None) -> dict:
+                      dense_reference: Optional[tuple[nn.Module, dict]] = None,
+                      plan_batches: Optional[Sequence[torch.Tensor]] = None, inductor: bool = True) -> dict:
     """Time the eager dense model, the optimized dense reference and the deployed form side by side.
 
-    A deployed form with gated blocks is made ready first
-    (:func:`prepare_deployed`, in the reference's memory format and compile
-    mode); a static method's model is timed as it is. ``reference``: the
-    outputs the deployed form must reproduce (the masked model's, fp32).
-    Returns the latency fields every report shares: times (ms, medians and
-    spreads), ratios against the optimized dense reference and against eager
-    dense, the dispatch plan and slice-cache counters (dynamic methods), and
-    the deployed outputs' relative error. ``dense_reference``: the result of
-    :func:`optimized_dense` for ``dense_eager`` on ``batches``, when the caller
-    already built it (several runs timed against one dense model).
+    A deployed form with gated blocks is planned, compiled and warmed on
+    ``plan_batches`` (:func:`prepare_deployed`; instances disjoint from the
+    timed ``batches``, or the plan and the cache would have seen the timed
+    kept sets); the first pass over ``batches`` then gives the slice cache's
+    first-pass hit rate, and the cache is restored to its post-warm-up state
+    before every timed pass, so each pass is a first pass. A static method's
+    model gets the reference's mode (:func:`_optimized_like_dense`).
+    ``reference``: the outputs the deployed form must reproduce (the masked
+    model's, fp32). Returns the latency fields every report shares: times (ms,
+    medians and spreads), ratios against the optimized dense reference and
+    against eager dense, the dispatch plan and slice-cache counters (dynamic
+    methods), and the deployed outputs' relative error. ``dense_reference``:
+    the result of :func:`optimized_dense` for ``dense_eager`` on ``batches``,
+    when the caller already built it (several runs timed against one dense
+    model).
     """
-    dense, dense_info = dense_reference or optimized_dense(dense_eager, batches)
+    dense, dense_info = dense_reference or optimized_dense(dense_eager, batches, inductor=inductor)
     fields: dict = {"dense_reference": dense_info}
-    cache = None
+    cache, before_pass = None, None
     if deployed_blocks(deployed):
-        runnable, info = prepare_deployed(deployed, batches, dense_info["memory_format"], dense_info["mode"])
+        if not plan_batches:
+            raise UserError("a dynamic model is planned and warmed on instances other than the timed ones: "
+                            "give plan_batches")
+        runnable, info = prepare_deployed(deployed, plan_batches, dense_info["memory_format"], dense_info["mode"])
         cache = info["cache"]
-        fields.update(dispatch_plan=info["plan"], dispatch_summary=_plan_summary(info["plan"]),
-                      gate_kernel=kernels.status())
+        warm = cache.snapshot()
+        before_pass = {"deployed": lambda: cache.restore(warm)}
+        fields.update(deployed_mode=info["mode"], dispatch_plan=info["plan"],
+                      dispatch_summary=_plan_summary(info["plan"]), gate_kernel=_gate_kernel(batches[0]))
+        cache.reset_counts()
     else:
-        runnable = _optimized_like_dense(deployed, batches, dense_info["memory_format"], dense_info["mode"])
+        runnable, fields["deployed_mode"] = _optimized_like_dense(deployed, batches, dense_info["memory_format"],
+                                                                  dense_info["mode"])
     with torch.inference_mode():
         out = torch.cat([runnable(x.clone()) for x in batches]).float()
     fields["deployed_max_rel_error"] = float((out - reference).abs().max() / reference.abs().max().clamp(min=1e-12))
     if cache is not None:
+        fields["first_pass_hit_rate"] = cache.stats()["hit_rate"]
         cache.reset_counts()
     times = measure_latency({"dense_eager": dense_eager, "dense": dense, "deployed": runnable}, batches, warmup,
-                            repeats, clock)
+                            repeats, clock, before_pass)
     fields["clock"] = clock
     if cache is not None:
         fields["slice_cache"] = cache.stats()
@@ -284,8 +387,15 @@ def time_side_by_side(dense_eager: nn.Module, deployed: nn.Module, batches: Sequ
 def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[int] = None, batch_size: int = 1,
                    dtype: str = "fp32", instances: int = 32, repeats: int = 10, warmup: int = 3,
                    dense_run: Optional[str | Path] = None,
-                   slice_cache_mb: float = DEFAULT_SLICE_CACHE_MB, dense_cache: Optional[dict] = None) -> dict:
+                   slice_cache_mb: float = DEFAULT_SLICE_CACHE_MB, dense_cache: Optional[dict] = None,
+                   plan_instances: int = 8, inductor: bool = True) -> dict:
     """Time a run's deployed model against the dense backbone; return the report (see module doc).
+
+    The deployed form is planned and warmed on the first ``plan_instances``
+    VALIDATION instances and timed on TEST instances, so neither the plan nor
+    the slice cache has seen a timed kept set; the report records the first
+    pass's slice-cache hit rate and the distinct kept sets per gate of the
+    timed instances: the regime the speed-up was measured in.
 
     ``dense_cache``: a dict shared by the calls of one process that time
     several runs against the same ``dense_run`` on the same images; the dense
@@ -297,8 +407,8 @@ def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[i
         return {"status": "unavailable", "reason": reason, "device": device}
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}'; valid dtypes: {', '.join(DTYPES)}")
-    if batch_size < 1 or instances < 1 or repeats < 1 or warmup < 0:
-        raise UserError("--batch-size, --instances and --repeats must be >= 1, --warmup >= 0")
+    if batch_size < 1 or instances < 1 or repeats < 1 or warmup < 0 or plan_instances < 1:
+        raise UserError("--batch-size, --instances, --plan-instances and --repeats must be >= 1, --warmup >= 0")
     if slice_cache_mb < 0:
         raise UserError(f"--slice-cache-mb must be >= 0, got {slice_cache_mb}")
     if threads:
@@ -312,13 +422,16 @@ def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[i
     splits = build_dataset(cfg["dataset"], cfg["data"], seed=cfg["seed"])
     count = min(instances, len(splits.test))
     images = torch.stack([splits.test[i][0] for i in range(count)]).to(device)
+    planning = torch.stack([splits.val[i][0] for i in range(min(plan_instances, len(splits.val)))]).to(device)
 
     with torch.no_grad():
         model(images)
         counter = InstanceMacs(model, splits.input_size, device)
         macs = method.instance_macs(model, counter, count)
         reference = model(images).float()
+        kept_sets = distinct_kept_sets(model)
     batches = [images[i:i + batch_size].to(DTYPES[dtype]) for i in range(0, count, batch_size)]
+    plan_batches = [planning[i:i + batch_size].to(DTYPES[dtype]) for i in range(0, len(planning), batch_size)]
     key = (str(Path(dense_run).resolve()), device, dtype, batch_size, count, cfg["dataset"],
            json.dumps(cfg["data"], sort_keys=True, default=str)) if dense_run else None
     cached = dense_cache.get(key) if dense_cache is not None and key else None
@@ -330,12 +443,13 @@ def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[i
         else:
             dense = build_backbone(cfg["backbone"], saved["num_classes"], saved["input_size"][0])
         dense = dense.to(device=device, dtype=DTYPES[dtype]).eval()
-        dense_reference = optimized_dense(dense, batches)
+        dense_reference = optimized_dense(dense, batches, inductor=inductor)
         if dense_cache is not None and key:
             dense_cache[key] = (dense, dense_reference)
     dense_source = str(dense_run) if dense_run else "same architecture, fresh weights"
     report = {"status": "ok", "run": str(run_dir), "method": cfg["method"], "backbone": cfg["backbone"],
-              "dataset": cfg["dataset"], "dense_source": dense_source, "instances": count}
+              "dataset": cfg["dataset"], "dense_source": dense_source, "instances": count,
+              "plan_instances": len(planning), "distinct_kept_sets": kept_sets}
     deployed = method.deploy(model).eval()
     if deployed_blocks(deployed):
         set_slice_cache_limit(deployed, slice_cache_mb)
@@ -343,7 +457,7 @@ def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[i
     else:
         deployed.to(device=device, dtype=DTYPES[dtype])
     report.update(time_side_by_side(dense, deployed, batches, reference, warmup, repeats,
-                                    dense_reference=dense_reference))
+                                    dense_reference=dense_reference, plan_batches=plan_batches))
     if dtype != "fp32":
         report["deployed_max_rel_error"] = None
     report.update({
@@ -365,6 +479,11 @@ def _add_arguments(p) -> None:
     p.add_argument("--instances", type=int, default=32, help="first N test instances (default 32)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--plan-instances", type=int, default=8,
+                   help="first N validation instances the deployed form is planned and warmed on (default 8)")
+    p.add_argument("--no-inductor", dest="inductor", action="store_false",
+                   help="leave torch.compile (Inductor) out of the dense reference's candidates (it compiles "
+                        "for seconds to a minute)")
     p.add_argument("--dense", help="dense run folder whose weights the dense model uses")
     p.add_argument("--slice-cache-mb", type=float, default=DEFAULT_SLICE_CACHE_MB,
                    help=f"memory cap of the deployed form's weight-slice cache (default {DEFAULT_SLICE_CACHE_MB:g})")
@@ -397,7 +516,8 @@ def _run(args) -> int:
     dense_cache: dict = {}  # one dense model and reference for every run timed against it
     for run_dir in args.run_dir:
         report = latency_report(run_dir, args.device, args.threads, args.batch_size, args.dtype, args.instances,
-                                args.repeats, args.warmup, args.dense, args.slice_cache_mb, dense_cache)
+                                args.repeats, args.warmup, args.dense, args.slice_cache_mb, dense_cache,
+                                args.plan_instances, args.inductor)
         text = json.dumps(report, indent=2)
         if args.out:
             _write(Path(args.out), text)

@@ -33,15 +33,31 @@ def restore_threads():
 
 
 def test_resnet34_latency_reports_a_deployed_form_equal_to_the_masked_model(capsys, restore_threads):
+    """Both keep patterns: deployed == masked, the regime recorded (first-pass hit rate, distinct kept sets),
+    planning and warm-up on other instances than the timed ones, and the dense cross-check row."""
     script = _script("resnet34_latency")
-    assert script.main(["--threads", "1", "--repeats", "1", "--warmup", "0", "--instances", "1"]) == 0
-    report = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert report["benchmark"] == "resnet34_latency" and report["threads"] == 1
-    assert abs(report["macs_ratio"] - 0.45) < 0.02  # 55 % fewer MACs requested
-    assert report["deployed_max_rel_error"] <= 1e-4
-    assert sum(report["dispatch_summary"].values()) == 16  # resnet34's 16 BasicBlocks, each planned
-    assert report["gate_kernel"] == kernels.status()
-    assert report["latency_ratio"] == pytest.approx(report["deployed_ms"] / report["dense_ms"])
+    assert script.main(["--threads", "1", "--repeats", "1", "--warmup", "0", "--instances", "2",
+                        "--no-inductor"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    check, static, per_instance = rows
+    assert check["benchmark"] == "resnet34_dense_crosscheck" and check["reference_over_independent"] > 0
+    assert "onednn/channels_last" in check["dense_reference"]["candidates_ms"]
+    for report in (static, per_instance):
+        assert report["benchmark"] == "resnet34_latency" and report["threads"] == 1
+        assert report["deployed_max_rel_error"] <= 1e-4
+        assert sum(report["dispatch_summary"].values()) == 16  # resnet34's 16 BasicBlocks, each planned
+        assert report["gate_kernel"] == kernels.status()
+        assert report["latency_ratio"] == pytest.approx(report["deployed_ms"] / report["dense_ms"])
+        assert len(report["distinct_kept_sets"]) == 32 and report["plan_instances"] == 2
+        assert report["dense_reference"] == check["dense_reference"]  # one reference for every row
+    assert static["keep_pattern"] == "static" and abs(static["macs_ratio"] - 0.45) < 0.02  # 55 % fewer MACs
+    assert set(static["distinct_kept_sets"]) == {1}
+    assert static["first_pass_hit_rate"] == 1.0  # the planning instances kept the same sets: all cached
+    assert per_instance["keep_pattern"] == "per_instance" and 0.3 < per_instance["macs_ratio"] < 0.6
+    assert set(per_instance["distinct_kept_sets"]) == {2}  # each timed instance its own kept set, every gate
+    assert per_instance["first_pass_hit_rate"] < 0.5  # neither the plan nor the warm-up saw them
+    # each timed pass is a first pass: the cache is restored, so repeats find no slice an earlier one left
+    assert per_instance["slice_cache"]["hit_rate"] == pytest.approx(per_instance["first_pass_hit_rate"])
 
 
 def test_resnet34_latency_refuses_a_bad_rounding(capsys):
@@ -53,7 +69,7 @@ def test_resnet34_latency_refuses_a_bad_rounding(capsys):
 @pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler on this machine (the script needs the ops)")
 def test_digits_c_gates_compares_the_gate_forms(tmp_path_factory, data_cache, dense_run, restore_threads):
     run = trained_manidp_run(tmp_path_factory, data_cache, dense_run)
-    result = _script("digits_c_gates").compare(run, instances=2, repeats=1, dense_dir=dense_run)
+    result = _script("digits_c_gates").compare(run, instances=2, repeats=1, dense_dir=dense_run, inductor=False)
     assert result["method"] == "manidp"
     assert set(result["speed_vs_dense"]) == {"training_gate", "aten_gate", "compiled_gate"}
     assert result["aten_forms_identical"] is True  # ManiDP's two ATen gate forms, bit for bit

@@ -65,8 +65,21 @@ def test_latency_subcommand_writes_its_report(gated_run, dense_run, tmp_path, ca
         spread = report[f"{name}_ms_spread"]
         assert spread["min"] <= spread["p25"] <= spread["median"] <= spread["p75"] <= spread["max"]
         assert spread["median"] == report[f"{name}_ms"]
-    assert report["dense_reference"]["mode"] in ("eager", "torchscript")
-    assert report["dense_reference"]["memory_format"] in ("contiguous", "channels_last")
+    reference = report["dense_reference"]
+    assert reference["mode"] in ("eager", "torchscript", "onednn", "inductor")
+    assert reference["memory_format"] in ("contiguous", "channels_last")
+    # every candidate timed (or dropped with its reason), the fastest chosen
+    assert {"eager/contiguous", "torchscript/channels_last", "onednn/channels_last"} <= set(reference["candidates_ms"])
+    assert "inductor/channels_last" in {**reference["candidates_ms"], **reference["dropped"]}
+    assert f"{reference['mode']}/{reference['memory_format']}" == min(reference["candidates_ms"],
+                                                                       key=reference["candidates_ms"].get)
+    # planned and warmed on validation instances, timed on test ones: the regime is recorded
+    assert report["plan_instances"] == 8 and len(report["distinct_kept_sets"]) == len(report["dispatch_plan"]) * 2
+    assert all(1 <= n <= 4 for n in report["distinct_kept_sets"])
+    if report["dispatch_summary"]["gathered"]:
+        assert 0 <= report["first_pass_hit_rate"] <= 1
+    else:
+        assert report["first_pass_hit_rate"] is None  # every block dense-then-mask: no slice looked up
     # the dispatch plan and the slice cache
     assert report["dispatch_plan"] and all(e["path"] in ("gathered", "dense") for e in report["dispatch_plan"].values())
     assert sum(report["dispatch_summary"].values()) == len(report["dispatch_plan"])
@@ -89,7 +102,7 @@ def test_missing_device_is_reported_not_invented(gated_run, tmp_path):
 def test_dynamic_deployed_form_runs_batches(gated_run, tmp_path):
     out = tmp_path / "batch.json"
     assert main(["latency", str(gated_run), "--batch-size", "4", "--instances", "8", "--repeats", "1",
-                 "--warmup", "0", "--threads", "1", "--out", str(out)]) == 0
+                 "--warmup", "0", "--threads", "1", "--no-inductor", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["status"] == "ok" and report["profile"]["batch_size"] == 4
     assert report["deployed_max_rel_error"] <= 1e-4
@@ -114,11 +127,12 @@ def test_static_method_is_timed_with_the_dense_reference_s_optimizations(tmp_pat
 
     run = train(small_run_config(tmp_path_factory.mktemp("l1") / "run", data_cache, method="l1", budget=0.4,
                                  init_from=str(dense_run), **{"train.epochs": 1}))
-    flags = ["--threads", "1", "--instances", "4", "--repeats", "1", "--warmup", "0", "--dense", str(dense_run)]
+    flags = ["--threads", "1", "--instances", "4", "--repeats", "1", "--warmup", "0", "--dense", str(dense_run),
+             "--no-inductor"]
     assert main(["latency", str(run), str(gated_run), *flags, "--out-name", "latency_test.json"]) == 0
     report = json.loads((run / "latency_test.json").read_text())
     assert report["status"] == "ok" and report["deployed_max_rel_error"] <= 1e-4
-    assert "dispatch_plan" not in report and report["dense_reference"]["mode"] in ("eager", "torchscript")
+    assert "dispatch_plan" not in report and report["deployed_mode"] == report["dense_reference"]["mode"]
     gated = json.loads((gated_run / "latency_test.json").read_text())
     assert gated["status"] == "ok" and gated["method"] == "manidp" and gated["dispatch_plan"]
     # One dense model and one optimized reference (chosen once) for every run of the call.
