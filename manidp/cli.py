@@ -1,4 +1,4 @@
-"""``manidp``: the command line every workflow rule and user drives.
+"""manidp: train, evaluate, time and tabulate pruned networks (the benchmark's command line).
 
 Subcommands: train, evaluate, macs, datasets, backbones, methods, tracking.
 Mistakes a user can fix (unknown names, missing paths, malformed config, a
@@ -31,19 +31,33 @@ def command(name: str, help: str):
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file layered over the packaged defaults")
+    # Defaults are the packaged config's (each flag overrides one key of it), so the help shows those.
+    from manidp.config import defaults
+
+    d = defaults()
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file layered over the packaged defaults and the "
+                   "dataset's recipe; config/README.md explains every key (default: none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set train.lr=0.05 (repeatable)")
-    p.add_argument("--dataset")
-    p.add_argument("--backbone")
-    p.add_argument("--method")
-    p.add_argument("--budget", type=float, help="requested MACs reduction, e.g. 0.55")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--out", help="run folder (default runs/{dataset}/{backbone}/{method}/seed{seed})")
-    p.add_argument("--init-from", help="dense run folder or checkpoint to start from")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int)
+                   help="override one config key, e.g. --set train.lr=0.05 (repeatable; applied last)")
+    p.add_argument("--dataset", metavar="NAME", help=f"dataset to train on; 'manidp datasets' lists them "
+                   f"(default: {d['dataset']})")
+    p.add_argument("--backbone", metavar="NAME", help=f"timm model name; 'manidp backbones' lists the benchmark's "
+                   f"(default: {d['backbone']})")
+    p.add_argument("--method", metavar="NAME", help=f"pruning method; 'manidp methods' lists them "
+                   f"(default: {d['method']})")
+    p.add_argument("--budget", type=float, help="requested MACs reduction in [0, 1), e.g. 0.55 (default: none, "
+                   "for dense)")
+    p.add_argument("--seed", type=int, help=f"training seed; the data splits do not depend on it "
+                   f"(default: {d['seed']})")
+    p.add_argument("--epochs", type=int, help=f"training epochs (default: the dataset recipe's train.epochs, else "
+                   f"{d['train']['epochs']})")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/{dataset}/{backbone}/{method}[-b{budget}]"
+                   "/seed{seed})")
+    p.add_argument("--init-from", metavar="RUN", help="dense run folder (its model.pt) or checkpoint file to "
+                   "start from (default: none)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help=f"where to train; auto uses a GPU when one "
+                   f"is present (default: {d['runtime']['device']})")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--force", action="store_true",
                    help="retrain in --out even if it holds a finished or unfinished run with another config")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -112,11 +126,15 @@ def _evaluate(args) -> int:
 @command("macs", "dense conv+Linear MACs of a backbone at batch 1")
 def _macs(args) -> int:
     from manidp.macs import count_macs
-    from manidp.models import build_backbone
+    from manidp.models import build_backbone, native_input_size
 
-    if args.input_size < 1:
-        raise UserError("--input-size must be a positive number of pixels")
     model = build_backbone(args.backbone, args.num_classes, args.in_chans)
+    if args.input_size is None:
+        args.input_size = native_input_size(model)
+        if args.input_size is None:
+            raise UserError(f"{args.backbone} declares no native input size; give --input-size N")
+        if not args.json:
+            print(f"--input-size not given: using {args.backbone}'s native {args.input_size} px", file=sys.stderr)
     macs = count_macs(model, (args.in_chans, args.input_size, args.input_size))
     params = sum(p.numel() for p in model.parameters())
     if args.json:
@@ -182,11 +200,15 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from manidp._version import __version__
 
-    parser = _Parser(prog="manidp", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="manidp", description=__doc__.splitlines()[0],
+                     epilog="Each command has its own --help. README.md has the full guide.")
     parser.add_argument("--version", action="version", version=f"manidp {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (func, help_text) in _COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # The workflow's internal steps stay callable but out of the listing (argparse lists only
+        # subcommands given a help text).
+        listed = {} if name in INTERNAL_COMMANDS else {"help": help_text}
+        p = sub.add_parser(name, description=help_text, **listed)
         p.set_defaults(func=func)
         _ARGUMENTS.get(name, lambda _: None)(p)
     return parser
@@ -194,15 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _evaluate_args(p):
     p.add_argument("model", help="run folder or model.pt")
-    p.add_argument("--split", default="test", choices=("test", "val"))
-    p.add_argument("--out", help="per-instance CSV to write (default: beside the model)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate (default: test)")
+    p.add_argument("--out", metavar="FILE.csv", help="per-instance CSV to write (default: instances_{split}.csv "
+                   "beside the model)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default: cpu)")
 
 
 def _macs_args(p):
     p.add_argument("backbone")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--input-size", type=int, default=None, metavar="N",
+                   help="input side in pixels (default: the backbone's native size: 32 for the CIFAR ResNets, "
+                   "timm's pretrained config for the others)")
+    p.add_argument("--in-chans", type=int, default=3, metavar="C", help="input channels (default: 3)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classifier classes (default: the backbone's own, 10 for CIFAR ResNets, 1000 for ImageNet ones)")
     p.add_argument("--json", action="store_true", help="print one JSON object with a 'macs' field")
@@ -212,8 +237,13 @@ def _tracking_args(p):
     p.add_argument("action", choices=("init", "import"))
     p.add_argument("run_dir", nargs="*", help="finished run folder(s) to import")
     p.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///results/mlflow.db)")
-    p.add_argument("--experiment", action="append", default=[], help="experiment to create (repeatable)")
+    p.add_argument("--experiment", action="append", default=[], metavar="NAME",
+                   help="experiment to create with init (repeatable; default: none, each dataset's is created "
+                   "when its first run logs)")
 
+
+#: Steps the workflow runs for itself; a user never needs them.
+INTERNAL_COMMANDS = ("tracking-parent", "tracking-summary")
 
 _ARGUMENTS = {"train": _train_args, "evaluate": _evaluate_args, "macs": _macs_args, "tracking": _tracking_args}
 

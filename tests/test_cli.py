@@ -297,3 +297,46 @@ def test_truncated_metrics_is_not_a_finished_run(tmp_path, dense_run):
 def test_print_config_shows_resolved_keys():
     result = _run("train", "--print-config", "--budget", "0.4", "--set", "train.lr=0.01")
     assert result.returncode == 0 and "budget: 0.4" in result.stdout and "lr: 0.01" in result.stdout
+
+
+# ----------------------------------------------------------------- help a newcomer can use
+_USER_COMMANDS = ("train", "evaluate", "macs", "tracking")
+
+
+@pytest.mark.parametrize("command", _USER_COMMANDS)
+def test_every_flag_says_what_it_does_and_its_default(command):
+    from manidp.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        if action.dest == "help" or not action.option_strings:
+            continue
+        assert action.help, f"{command} {action.option_strings[0]} has no help"
+        flag_only = action.nargs == 0 or action.default == []
+        assert flag_only or "(default" in action.help, f"{command} {action.option_strings[0]}: no default shown"
+
+
+def test_train_help_points_to_the_listings_and_shows_packaged_defaults():
+    text = " ".join(_run("train", "--help").stdout.split())
+    assert "'manidp methods' lists them (default: dense)" in text
+    assert "'manidp backbones' lists" in text and "(default: cifar_resnet20)" in text
+    assert "(default: digits-c)" in text
+
+
+def test_top_level_help_lists_user_commands_only_and_no_markup():
+    from manidp.cli import INTERNAL_COMMANDS
+
+    text = _run("--help").stdout
+    assert "``" not in text and "train" in text and "latency" in text
+    for name in INTERNAL_COMMANDS:
+        assert name not in text
+        assert _run(name, "--help").returncode == 0  # still callable by the workflow
+
+
+@pytest.mark.parametrize("backbone,size,macs", [("cifar_resnet20", 32, 40_551_040), ("resnet18", 224, None)])
+def test_macs_uses_the_backbones_native_input_size_and_says_so(backbone, size, macs):
+    done = _run("macs", backbone)
+    assert done.returncode == 0 and f"@ {size}x{size}" in done.stdout
+    assert f"native {size} px" in done.stderr
+    result = json.loads(_run("macs", backbone, "--json").stdout)
+    assert result["input_size"] == size and (macs is None or result["macs"] == macs)

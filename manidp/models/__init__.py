@@ -19,7 +19,7 @@ import torch.nn as nn
 from manidp.errors import UserError
 from manidp.models import cifar_resnet  # noqa: F401  (registers into timm)
 
-__all__ = ["BENCHMARK_BACKBONES", "build_backbone", "load_state_file"]
+__all__ = ["BENCHMARK_BACKBONES", "build_backbone", "load_state_file", "native_input_size"]
 
 BENCHMARK_BACKBONES = (
     "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110",
@@ -124,3 +124,9 @@ def build_backbone(
                 f"missing {sorted(set(missing) - head)[:3]}, unexpected {sorted(unexpected)[:3]}"
             )
     return model
+
+
+def native_input_size(model: nn.Module) -> Optional[int]:
+    """The input side a backbone was designed for (timm's pretrained config; 32 for the CIFAR ResNets)."""
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return int(size[-1]) if size else None

@@ -104,7 +104,11 @@ def _create_cifar_resnet(depth: int, pretrained: bool = False, **kwargs) -> Cifa
     kwargs.pop("pretrained_cfg", None)
     kwargs.pop("pretrained_cfg_overlay", None)
     kwargs.pop("cache_dir", None)
-    return CifarResNet(depth, **kwargs)
+    model = CifarResNet(depth, **kwargs)
+    # timm's place for a model's native input, read by `manidp macs` and anything that asks timm.
+    model.pretrained_cfg = model.default_cfg = {"input_size": (kwargs.get("in_chans", 3), 32, 32),
+                                                "num_classes": model.fc.out_features}
+    return model
 
 
 @register_model
