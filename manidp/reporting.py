@@ -174,6 +174,11 @@ def _latency(path: Path) -> tuple[dict, str]:
     numbers["hardware"] = _hardware(report)
     if isinstance(report.get("gate_kernel"), str):  # which gate form the deployed model ran (manidp.kernels)
         numbers["gate_kernel"] = report["gate_kernel"]
+    if _is_number(report.get("first_pass_hit_rate")):  # slice-cache hits of the timed instances' first pass
+        numbers["hit_rate"] = float(report["first_pass_hit_rate"])
+    summary = report.get("dispatch_summary")
+    if isinstance(summary, dict):  # the regime the speed-up was measured in
+        numbers["regime"] = "dense-then-mask" if not summary.get("gathered") else "gathered"
     return numbers, "ok"
 
 
@@ -282,6 +287,18 @@ def summarize_runs(runs: "pd.DataFrame", profiles: Iterable[str] = ()) -> "pd.Da
         notes += [f"{p}: deployed gates ran as ATen ops, not the compiled ops ({k})" for p in profiles
                   for k in sorted({k for k in group.get(f"gate_kernel_{p}", pd.Series()).dropna()
                                    if not str(k).startswith("compiled")})]
+        # the regime of a dynamic method's speed-up: every block dense-then-mask (no slice is ever looked
+        # up), or gathered blocks with the slice cache's first-pass hit rate on test instances it had not seen
+        for p in profiles:
+            regimes = set(group.get(f"regime_{p}", pd.Series()).dropna())
+            rates = group.get(f"hit_rate_{p}", pd.Series()).dropna()
+            if regimes == {"dense-then-mask"}:
+                notes.append(f"{p}: every block ran dense-then-mask (gates and masks on full-width convolutions)")
+            elif regimes:
+                span = f"{rates.min():.2f}" if len(rates) and rates.min() == rates.max() else \
+                    f"{rates.min():.2f}-{rates.max():.2f}" if len(rates) else "n/a"
+                notes.append(f"{p}: gathered blocks, first-pass slice-cache hit rate {span} (planned and warmed "
+                             f"on validation instances, timed on test instances)")
         row["notes"] = "; ".join(n for n in notes if n)
         out.append(row)
     table = pd.DataFrame(out)
@@ -541,7 +558,7 @@ def write_per_seed(runs: "pd.DataFrame", out_csv: Path, profiles: list[str]) -> 
         columns.append(f"speedup_{p}")
         for key in _latency_columns(runs.columns, p):
             columns += [f"{key}_{p}", f"{key}_iqr_{p}"]
-        columns += [f"macs_ratio_{p}", f"note_{p}", f"gate_kernel_{p}", f"hardware_{p}"]
+        columns += [f"macs_ratio_{p}", f"hit_rate_{p}", f"note_{p}", f"gate_kernel_{p}", f"hardware_{p}"]
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     runs.reindex(columns=columns + ["run_dir"]).sort_values(
         ["backbone", "budget", "method", "seed"], na_position="first", kind="stable").to_csv(

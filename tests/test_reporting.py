@@ -120,6 +120,29 @@ def test_a_deployed_form_without_the_compiled_gate_ops_is_noted(tmp_path):
     assert "ATen" not in str(table.loc["manidp", "notes"])
 
 
+def test_the_regime_of_a_speed_up_is_recorded_beside_it(tmp_path):
+    """The first-pass slice-cache hit rate goes into the per-seed CSV; the notes say whether the deployed
+    blocks ran gathered (and at what hit rate) or dense-then-mask."""
+    runs = [make_run(tmp_path, "digits-c", "cifar_resnet20", "dense", 0, 85.0)]
+    for seed, (rate, gathered) in enumerate([(0.5, 3), (0.75, 2)]):
+        runs.append(make_run(tmp_path, "digits-c", "cifar_resnet20", "manidp", seed, 84.0, budget=0.4,
+                             reduction=0.41, dynamic=True, latency={
+                                 **ok_latency(0.9), "first_pass_hit_rate": rate,
+                                 "dispatch_summary": {"gathered": gathered, "dense": 9 - gathered}}))
+        runs.append(make_run(tmp_path, "digits-c", "cifar_resnet20", "fbs", seed, 84.0, budget=0.4,
+                             reduction=0.41, dynamic=True, latency={
+                                 **ok_latency(0.9), "first_pass_hit_rate": None,
+                                 "dispatch_summary": {"gathered": 0, "dense": 9}}))
+    loaded = reporting.load_runs(runs, ["cpu-2t"])
+    table = reporting.build_table(loaded, ["cpu-2t"]).set_index("method")
+    assert "gathered blocks, first-pass slice-cache hit rate 0.50-0.75" in table.loc["manidp", "notes"]
+    assert "every block ran dense-then-mask" in table.loc["fbs", "notes"]
+    per_seed = pd.read_csv(reporting.write_per_seed(loaded, tmp_path / "per_seed.csv", ["cpu-2t"]))
+    manidp = per_seed[per_seed["method"] == "manidp"].set_index("seed")
+    assert manidp.loc[0, "hit_rate_cpu-2t"] == pytest.approx(0.5) and manidp.loc[1, "hit_rate_cpu-2t"] == 0.75
+    assert per_seed[per_seed["method"] == "fbs"]["hit_rate_cpu-2t"].isna().all()
+
+
 def test_markdown_and_latex(digits_runs, tmp_path):
     runs = reporting.load_runs(digits_runs, ["cpu-2t"])
     paths = reporting.write_table(reporting.build_table(runs, ["cpu-2t"]), tmp_path / "out" / "digits-c_table.csv",
@@ -287,7 +310,7 @@ def test_per_seed_csv(digits_runs, tmp_path):
     assert list(rows.columns[:6]) == ["dataset", "backbone", "method", "registered_method", "budget", "seed"]
     for column in ("test_top1", "test_top5", "macs_m", "macs_reduction_pct", "epochs", "optimizer_steps",
                    "speedup_cpu-2t", "deployed_ms_cpu-2t", "deployed_ms_iqr_cpu-2t", "dense_ms_cpu-2t",
-                   "note_cpu-2t", "gate_kernel_cpu-2t", "hardware_cpu-2t", "run_dir"):
+                   "hit_rate_cpu-2t", "note_cpu-2t", "gate_kernel_cpu-2t", "hardware_cpu-2t", "run_dir"):
         assert column in rows.columns
     manidp = rows[rows["method"] == "manidp"].set_index("seed")
     assert manidp.loc[1, "speedup_cpu-2t"] == pytest.approx(2.5) and manidp.loc[1, "test_top1"] == pytest.approx(84.0)
