@@ -28,6 +28,20 @@ once. ``silence_bn: false`` is the authors' forward exactly (their zeroed
 filters get a gradient through ``ReLU(shift)``), at the cost of a function
 change at removal that ``val_top1_masked`` / ``val_top1_pruned`` record.
 
+``soft_fraction`` (default 1.0: soft steps through the whole run, both
+authors' codes): the fraction of the epochs (rounded to whole epochs) that
+soft steps run in. After them the last selection is silenced (filter, BN
+shift and running mean zeroed, whatever ``silence_bn`` says) and held
+(gradients zeroed, re-zeroed after every step) for the remaining epochs, so
+those epochs fine-tune exactly the network the removal keeps. 0 selects once
+before training and holds it (prune-once, silenced). It is the recipe
+sweep's knob for ``fpgm`` and ``sfp`` together with the authors' forward
+(``silence_bn: false``): under ``silence_bn`` a silenced channel gets no
+gradient, the selection never changes, and neither ``zero_grad`` nor how
+often soft steps run changes a result (identical numbers, tested and swept);
+with the authors' forward, zeroed filters regrow and the fraction sets how
+long they may.
+
 ``zero_grad`` picks the variant, recorded in each run's ``method_info``:
 
 * ``sfp`` default false = the SFP authors' code (he-y/soft-filter-pruning
@@ -53,6 +67,7 @@ import torch
 import torch.nn as nn
 
 from baselines._structured import StructuredPruning, zero_filter_grads, zero_filters
+from manidp.errors import UserError
 from manidp.methods import RunContext, register_method
 
 
@@ -60,13 +75,18 @@ from manidp.methods import RunContext, register_method
 class SoftFilterPruning(StructuredPruning):
     """Zero the lowest-scored filters every epoch, remove the last selection at the end."""
 
-    default_options = {**StructuredPruning.default_options, "layers": "auto", "zero_grad": True, "silence_bn": True}
+    default_options = {**StructuredPruning.default_options, "layers": "auto", "zero_grad": True, "silence_bn": True,
+                       "soft_fraction": 1.0}
     #: What each zero_grad setting is, for this method (recorded in method_info).
     variants: dict = {}
 
     def __init__(self, options=None, budget=None):
         super().__init__(options, budget)
+        fraction = self.options["soft_fraction"]
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise UserError(f"method option soft_fraction must be a fraction of the epochs in [0, 1], got {fraction!r}")
         self.selection: dict[str, list[int]] | None = None
+        self.held = False  # the soft phase is over: the selection is silenced and held until removal
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.plan(model, ctx)
@@ -77,21 +97,37 @@ class SoftFilterPruning(StructuredPruning):
         zero_filters(model, self.groups, self.selection, self.options["silence_bn"])
         return {"zeroed_filters": sum(len(v) for v in self.selection.values())}
 
+    def _soft_epochs(self, ctx: RunContext) -> int:
+        return round(self.options["soft_fraction"] * ctx.epochs)
+
+    def _hold(self, model: nn.Module) -> dict:
+        """End the soft phase: silence the last selection; from now on it is held until removal."""
+        self.held = True
+        zero_filters(model, self.groups, self.selection, True)
+        return {"held_filters": sum(len(v) for v in self.selection.values())}
+
     def on_train_start(self, model: nn.Module, ctx: RunContext) -> None:
         self._zero(model)
+        if self._soft_epochs(ctx) == 0:
+            self._hold(model)
 
     def after_backward(self, model: nn.Module, ctx: RunContext) -> None:
-        if self.options["zero_grad"] and self.selection:
+        if (self.options["zero_grad"] or self.held) and self.selection:
             zero_filter_grads(model, self.groups, self.selection)
 
     def after_step(self, model: nn.Module, ctx: RunContext) -> None:
         """With zero gradients, momentum from before the selection would still move the filters;
         the BN after them would blow any such drift up to a full-scale channel, so re-zero them."""
-        if self.options["zero_grad"] and self.selection:
-            zero_filters(model, self.groups, self.selection, self.options["silence_bn"])
+        if (self.options["zero_grad"] or self.held) and self.selection:
+            zero_filters(model, self.groups, self.selection, self.options["silence_bn"] or self.held)
 
     def on_epoch_end(self, model: nn.Module, ctx: RunContext) -> dict:
-        return self._zero(model)
+        if self.held:
+            return {}
+        row = self._zero(model)
+        if ctx.epoch + 1 == self._soft_epochs(ctx) < ctx.epochs:
+            row.update(self._hold(model))
+        return row
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """Remove the selection zeroed last: re-scoring zeroed filters would favour other ones (FPGM)."""
@@ -109,11 +145,12 @@ class SoftFilterPruning(StructuredPruning):
         return dict(getattr(self, "_final", {}))
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "selection": self.selection}
+        return {**super().state_dict(), "selection": self.selection, "held": self.held}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.selection = state.get("selection")
+        self.held = state.get("held", False)
 
     def describe(self) -> dict:
         return {**super().describe(), "variant": self.variants[bool(self.options["zero_grad"])]}

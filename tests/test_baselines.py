@@ -343,6 +343,37 @@ def test_sfp_default_is_its_authors_schedule_zeroed_filters_are_not_held():
         assert model.get_submodule(key).weight[idxs].abs().sum() == 0
 
 
+def test_soft_fraction_ends_the_soft_phase_with_the_selection_silenced_and_held():
+    """The sweep's knob for fpgm/sfp: after round(fraction x epochs) soft epochs the authors' forward stops,
+    the last selection is silenced and no longer moves, so the remaining epochs train what removal keeps."""
+    model = _resnet20().train()
+    with torch.no_grad():  # a trained net's BN shifts: ReLU(shift) > 0 carries the gradient back
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.bias.uniform_(0.1, 0.5)
+    method = METHODS.get("sfp")({"silence_bn": False, "soft_fraction": 0.5}, budget=0.4)
+    ctx = _context(model, CIFAR)
+    ctx.epochs = 2
+    method.prepare(model, ctx)
+    _soft_steps(method, model, ctx)
+    assert not method.held and any(float(model.get_submodule(k).weight[i].detach().abs().sum()) > 0
+                                   for k, i in method.selection.items())  # soft phase: zeroed filters regrow
+    assert "held_filters" in method.on_epoch_end(model, ctx)  # end of epoch 1 of 2: the soft phase is over
+    held = {key: list(idxs) for key, idxs in method.selection.items()}
+    ctx.epoch = 1
+    for _ in range(2):
+        loss, _, _ = method.training_loss(model, torch.randn(8, *CIFAR), torch.randint(0, 10, (8,)), ctx)
+        loss.backward()
+        method.after_backward(model, ctx)
+        method.after_step(model, ctx)
+    assert method.on_epoch_end(model, ctx) == {} and method.selection == held
+    for key, idxs in held.items():
+        bn = model.get_submodule(key.replace("conv", "bn"))
+        assert model.get_submodule(key).weight[idxs].abs().sum() == 0 and bn.bias[idxs].abs().sum() == 0
+    with pytest.raises(UserError, match="soft_fraction"):
+        METHODS.get("fpgm")({"soft_fraction": 1.5}, budget=0.4)
+
+
 @pytest.mark.parametrize("name", ["fpgm", "sfp"])
 def test_soft_pruning_records_equal_masked_and_pruned_validation_accuracy(name):
     model = _resnet20().train()
