@@ -67,6 +67,7 @@ def validate_config(cfg: dict) -> None:
         _check_training_budget(ds, section)
         _check_ablations(ds, section)
         _check_tuning(ds, section)
+        _check_on_request(ds, section)
     _check_names(cfg)
 
 
@@ -132,6 +133,22 @@ def _check_tuning(ds: str, section: dict) -> None:
             f"config section 'datasets.{ds}.tuning.methods': every method gets the same-size sweep, but the "
             f"knob grids hold different numbers of settings ({listed}); give each the same number of values"
         )
+
+
+def _check_on_request(ds: str, section: dict) -> None:
+    """The augmentation check reuses the default run at its budget; the curve runs entries of ``methods``."""
+    aug = section.get("augmentation")
+    if aug and not any(aug["budget"] in budgets(ds, b, {"datasets": {ds: section}}) for b in section["backbones"]):
+        raise WorkflowError(
+            f"config key 'datasets.{ds}.augmentation.budget' is {aug['budget']}: its runs without augmentation "
+            f"are the default run's, so it must be one of the budgets ({', '.join(map(str, section.get('budgets', [])))})"
+        )
+    for entry in section.get("training_budget", {}).get("methods", []):
+        if entry not in section["methods"]:
+            raise WorkflowError(
+                f"config key 'datasets.{ds}.training_budget.methods' names '{entry}', which is not an entry of "
+                f"'datasets.{ds}.methods'; valid values: {', '.join(section['methods'])}"
+            )
 
 
 def _check_names(cfg: dict) -> None:
@@ -393,9 +410,9 @@ def _set_args(prefix: str, tree: dict) -> list[str]:
     return args
 
 
-def _common_sets(ds: str) -> list[str]:
+def _common_sets(ds: str, data_extra: dict | None = None) -> list[str]:
     section = dataset_cfg(ds)
-    data = section.get("data", {})
+    data = {**section.get("data", {}), **(data_extra or {})}
     if ds in FETCHED_DATA:
         # Rule check_data downloaded the files once: jobs only read them (parallel
         # downloads into one folder would race; with data_check: job they must be there).
@@ -403,13 +420,17 @@ def _common_sets(ds: str) -> list[str]:
     return _set_args("data", data) + _set_args("runtime", section.get("runtime", {}))
 
 
-def dense_args(wildcards) -> str:
-    """The dense run's recipe and pretrained source, as ``manidp train`` flags."""
-    dense = dataset_cfg(wildcards.dataset).get("dense", {})
-    args = _set_args("train", dense.get("train", {})) + _common_sets(wildcards.dataset)
+def _dense_args(ds: str, data_extra: dict | None = None) -> list[str]:
+    dense = dataset_cfg(ds).get("dense", {})
+    args = _set_args("train", dense.get("train", {})) + _common_sets(ds, data_extra)
     if dense.get("pretrained"):
         args += _set_args("", {"pretrained": dense["pretrained"]})
-    return " ".join(args)
+    return args
+
+
+def dense_args(wildcards) -> str:
+    """The dense run's recipe and pretrained source, as ``manidp train`` flags."""
+    return " ".join(_dense_args(wildcards.dataset))
 
 
 def method_entry(ds: str, entry: str) -> dict:
@@ -417,15 +438,18 @@ def method_entry(ds: str, entry: str) -> dict:
     return {**section.get("ablations", {}).get("methods", {}), **section["methods"]}[entry]
 
 
-def _method_args(ds: str, entry: str, lr=None, knobs=None) -> list[str]:
-    """Registered method, its options and the dataset's fine-tuning recipe (lr and knobs may be swept)."""
+def _method_args(ds: str, entry: str, lr=None, knobs=None, epochs=None, data_extra=None) -> list[str]:
+    """Registered method, its options and the dataset's fine-tuning recipe (lr and knobs may be swept;
+    the training-budget curve sets the epochs, the augmentation check adds data keys)."""
     section, settings = dataset_cfg(ds), method_entry(ds, entry)
     recipe = {**section.get("finetune", {}).get("train", {}), **settings.get("train", {})}
     if lr is not None:
         recipe["lr"] = lr
+    if epochs is not None:
+        recipe["epochs"] = epochs
     args = ["--method", settings.get("method", entry)]
     args += _set_args("", {"method_options": {**settings.get("options", {}), **(knobs or {})}})
-    return args + _set_args("train", recipe) + _common_sets(ds)
+    return args + _set_args("train", recipe) + _common_sets(ds, data_extra)
 
 
 def method_args(wildcards) -> str:
@@ -444,6 +468,77 @@ def tuning_args(wildcards) -> str:
     lr, knobs = recipes[wildcards.recipe]
     args = _method_args(wildcards.dataset, wildcards.method, lr, knobs)
     return " ".join(args + _set_args("", {"eval_splits": ["val"]}))
+
+
+# ----------------------------------------------------------------- augmentation as a knob
+# The augmentation check trains its own dense models and method runs with the
+# training-time augmentation on, under runs/augment/; "off" is the default run's
+# runs at the same budget. Every figure it reports is a validation figure.
+VALIDATION_ONLY = {"eval_splits": ["val"]}
+
+
+def _section(ds: str, key: str) -> dict:
+    section = dataset_cfg(ds).get(key)
+    if not section:
+        raise WorkflowError(f"config section 'datasets.{ds}.{key}' is not set: nothing to run")
+    return section
+
+
+def augment_dirs(wildcards) -> list[str]:
+    """Dense and every method, with the augmentation (runs/augment/...) and without (the default run's folders)."""
+    ds = wildcards.dataset
+    aug = _section(ds, "augmentation")
+    budget = label(aug["budget"])
+    dirs = []
+    for b in dataset_cfg(ds)["backbones"]:
+        for s in aug["seeds"]:
+            dirs += [f"runs/augment/{ds}/{b}/dense/seed{s}", run_dir(ds, b, "dense", None, s)]
+            for m in dataset_cfg(ds)["methods"]:
+                dirs += [f"runs/augment/{ds}/{b}/{m}-b{budget}/seed{s}", run_dir(ds, b, m, budget, s)]
+    return dirs
+
+
+def augment_metrics(wildcards) -> list[str]:
+    return [f"{d}/metrics.json" for d in augment_dirs(wildcards)]
+
+
+def augment_dense_args(wildcards) -> str:
+    """The dense recipe with the augmentation on, validation only."""
+    aug = dataset_cfg(wildcards.dataset)["augmentation"]
+    return " ".join(_dense_args(wildcards.dataset, aug["data"]) + _set_args("", VALIDATION_ONLY))
+
+
+def augment_method_args(wildcards) -> str:
+    """One method at its recipe with the augmentation on, validation only."""
+    aug = dataset_cfg(wildcards.dataset)["augmentation"]
+    args = _method_args(wildcards.dataset, wildcards.method, data_extra=aug["data"])
+    return " ".join(args + _set_args("", VALIDATION_ONLY))
+
+
+# ----------------------------------------------------------------- the training-budget curve
+def budget_curve_dirs(wildcards) -> list[str]:
+    """Every (method, epochs, seed) of the curve: the default run's folder where the epochs are the dataset's
+    training budget, runs/budget/{dataset}/{backbone}/{method}-b{budget}/e{epochs}/seed{seed} elsewhere."""
+    ds = wildcards.dataset
+    curve = _section(ds, "training_budget")
+    budget = label(curve["budget"])
+    default_epochs = dataset_cfg(ds).get("finetune", {}).get("train", {}).get("epochs")
+    return [
+        (run_dir(ds, b, m, budget, s) if e == default_epochs else f"runs/budget/{ds}/{b}/{m}-b{budget}/e{e}/seed{s}")
+        for b in dataset_cfg(ds)["backbones"]
+        for m in curve["methods"]
+        for e in curve["epochs"]
+        for s in curve["seeds"]
+    ]
+
+
+def budget_curve_metrics(wildcards) -> list[str]:
+    return [f"{d}/metrics.json" for d in budget_curve_dirs(wildcards)]
+
+
+def budget_curve_args(wildcards) -> str:
+    """One method at its recipe with another number of fine-tuning epochs (both splits: a results figure)."""
+    return " ".join(_method_args(wildcards.dataset, wildcards.method, epochs=int(wildcards.epochs)))
 
 
 # ----------------------------------------------------------------- run folders
@@ -641,4 +736,5 @@ wildcard_constraints:
     budget=r"0\.[0-9]+",
     recipe=RECIPE_PATTERN,
     seed=r"[0-9]+",
+    epochs=r"[0-9]+",
     profile=r"[A-Za-z0-9_-]+",
