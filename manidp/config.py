@@ -280,6 +280,7 @@ _RULES: dict[str, Rule] = {
     "tracking.experiment": _text(nullable=True),
     "tracking.parent_run_id": _text(nullable=True),
     "tracking.tags": _mapping,
+    "tracking.log_model": _flag,
 }
 
 

@@ -277,6 +277,8 @@ def train(cfg: dict) -> Path:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     tracker = RunTracker(out, cfg, enabled=dist.main)
     tracker.start(resume_history=history)
+    if not history:
+        tracker.log_datasets(cfg["dataset"], cfg["data"], splits.info)
 
     forward_model = model
     if dist.world_size > 1:
@@ -323,7 +325,8 @@ def train(cfg: dict) -> Path:
         metrics.update({"wall_time_s": train_time, "epochs_trained": len(history),
                         "optimizer_steps": len(history) * len(train_loader)})
         _write_final(model, method, splits, cfg, dense_macs, metrics, out)
-        tracker.log_metrics(_numeric(metrics), step=len(history))  # after the last epoch's step
+        tracker.log_final(_numeric(metrics), step=len(history))  # after the last epoch's step
+        tracker.log_model(model, splits.input_size)
         tracker.finish([out / "metrics.json", out / "config.yaml", out / "history.jsonl"])
         split = "test" if test_loader is not None else "val"
         log(f"{out}: {split} top-1 {metrics[f'{split}_top1']:.2f} %, MACs {metrics['macs'] / 1e6:.3f} M "

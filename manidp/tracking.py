@@ -29,6 +29,7 @@ import RUN_DIR`` (and the workflow's summary step) imports it later.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -58,8 +59,23 @@ IDENTITY_TAG = "manidp.identity"
 CONFIG_HASH_TAG = "manidp.config_hash"
 RESULT_TAG = "manidp.result_id"
 RUN_DIR_TAG = "run_dir"
-#: MLflow 3's UI opens such experiments on the runs table (not the GenAI overview).
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+#: How to read the experiment, shown on its page in the UI (``mlflow.note.content``).
+EXPERIMENT_NOTE = """\
+One run per result (a method at a MACs budget and seed), grouped under a parent run per backbone
+(`dataset / backbone`); the summary run holds the tables and plots.
+
+**Compare the methods at one budget:** open the *Runs* tab, type `tags.budget = '0.55'` in the search
+box, group by `tags.method` (Group by > Tags > method), and add the columns `test_top1`, `test_top5`,
+`macs_reduction`, `macs` and, where measured, `speedup_cpu-2t` (Columns > Metrics). Dense runs carry
+`tags.budget = 'None'`.
+
+Each run page lists its model (Logged models) and the dataset splits it used (Datasets). The numbers are
+mirrored from the run folders (`metrics.json`), which stay the source of truth."""
+#: The model-training kind, and the note above.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development", "mlflow.note.content": EXPERIMENT_NOTE}
+#: Final values that describe a run rather than measure it: logged once as params, not as one-point charts.
+CONSTANTS = ("seed", "budget", "epochs_trained", "optimizer_steps", "macs_dense", "params_dense", "test_instances",
+             "val_instances")
 #: Seconds between attempts while sqlite reports "database is locked" (about a minute in all).
 RETRY_DELAYS = (0.25, 0.5, 1, 2, 4, 8, 16, 30)
 _VERSIONED = ("manidp", "torch", "torchvision", "timm", "torch-pruning", "mlflow", "numpy")
@@ -204,6 +220,12 @@ def identity_tags(cfg: dict, result: str) -> dict[str, str]:
         IDENTITY_TAG: (f"{cfg['dataset']}/{cfg['backbone']}/{cfg['method']}/b{budget}/seed{cfg['seed']}/{digest}/"
                        f"{result}"),
     }
+
+
+def run_name(cfg: dict) -> str:
+    """Method first, so the UI's narrow name column tells runs apart: ``manidp b0.55 s0``, ``dense s0``."""
+    budget = "" if cfg["budget"] is None else f" b{cfg['budget']:g}"
+    return f"{cfg['method']}{budget} s{cfg['seed']}"
 
 
 def _quoted(value: str) -> Optional[str]:
@@ -351,7 +373,8 @@ class RunTracker:
                 parent = self.cfg["tracking"]["parent_run_id"]
                 if parent and _exists(self.client, parent):  # an imported folder's parent may be another store's
                     tags["mlflow.parentRunId"] = parent
-                run = self.client.create_run(exp_id, tags=tags, run_name=self.run_dir.as_posix().replace("/", "_"))
+                tags.update({"mlflow.source.name": "manidp train", "mlflow.source.type": "LOCAL"})
+                run = self.client.create_run(exp_id, tags=tags, run_name=run_name(self.cfg))
                 self.run_id = run.info.run_id
                 self.client.log_batch(self.run_id, params=_params(self.cfg))
                 logged = set()
@@ -372,6 +395,93 @@ class RunTracker:
             self.client.log_batch(self.run_id, metrics=_metric_rows(metrics, step))
         except Exception as err:
             self._fail("could not log metrics", err)
+
+    @_timed
+    def log_final(self, metrics: dict, step: int) -> None:
+        """The run's final values: measurements as metrics at ``step``, the constants (:data:`CONSTANTS`)
+        as params."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        constants = {k: metrics[k] for k in CONSTANTS if k in metrics}
+        measured = {k: v for k, v in metrics.items() if k not in constants}
+        try:
+            self.client.log_batch(self.run_id, metrics=_metric_rows(measured, step),
+                                  params=[Param(f"final.{k}", str(v)) for k, v in constants.items()])
+        except Exception as err:
+            self._fail("could not log the final metrics", err)
+
+    @_timed
+    def log_datasets(self, dataset: str, data_cfg: dict, info: dict) -> None:
+        """The splits this run read, as MLflow dataset inputs (Datasets on the run page).
+
+        The digest hashes what defines a split (dataset, data config, sizes), so two runs on the same
+        data show the same dataset and a changed holdout or subset shows a new one.
+        """
+        if not self.enabled:
+            return
+        import hashlib
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        sizes = info.get("sizes", {})
+        source = str(info.get("path") or info.get("root") or info.get("cache_path") or dataset)
+        inputs = []
+        for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
+            if split not in sizes:
+                continue
+            definition = json.dumps({"dataset": dataset, "split": split, "data": data_cfg, "size": sizes[split]},
+                                    sort_keys=True, default=str)
+            digest = hashlib.sha256(definition.encode()).hexdigest()[:16]
+            inputs.append(DatasetInput(
+                Dataset(name=f"{dataset}/{split}", digest=digest, source_type="local", source=source,
+                        profile=json.dumps({"num_rows": sizes[split]})),
+                tags=[InputTag("mlflow.data.context", context)]))
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except Exception as err:
+            self._fail("could not log the datasets", err)
+
+    @_timed
+    def log_model(self, model, input_size: tuple) -> None:
+        """The trained model as an MLflow model (Logged models; Models tab) with its signature and an input
+        example: exported with torch.export (no pickled code) where it traces, else MLflow's pickle format
+        (tag ``manidp.model_format`` says which). ``tracking.log_model: false`` skips it (large ImageNet
+        models). A model MLflow cannot save is noted in a tag; the run goes on."""
+        if not self.enabled or not self.cfg["tracking"].get("log_model", True):
+            return
+        import mlflow
+        import torch
+        from mlflow.models import infer_signature
+
+        from manidp.gating import copy_model
+
+        try:
+            example = torch.randn(2, *input_size)  # batch 2: a batch of 1 would pin the exported batch size
+            cpu_model = copy_model(model).cpu().eval()
+            with torch.no_grad():
+                output = cpu_model(example)
+            signature = infer_signature(example.numpy(), output.numpy())
+            logging.getLogger("torch._export").setLevel(logging.ERROR)
+            with _fluent_store(self.uri), mlflow.start_run(run_id=self.run_id):
+                kwargs = dict(name="model", signature=signature, input_example=example.numpy(),
+                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                              validate_serving_input=False)
+                try:
+                    mlflow.pytorch.log_model(cpu_model, serialization_format="pt2", **kwargs)
+                    how = "pt2 (torch.export)"
+                except Exception as err:  # data-dependent gates (top-k of a per-instance count) do not export
+                    kwargs.pop("validate_serving_input")  # the pickle writer passes it on to torch.save
+                    mlflow.pytorch.log_model(cpu_model, serialization_format="pickle", **kwargs)
+                    how = f"pickle (torch.export failed: {type(err).__name__})"
+            self.client.set_tag(self.run_id, "manidp.model_format", how)
+            self.client.update_run(self.run_id, status="RUNNING")  # the fluent run's exit ended it
+        except Exception as err:  # a model MLflow cannot save is noted; the run's files are complete
+            try:
+                self.client.set_tag(self.run_id, "manidp.model_not_logged", f"{type(err).__name__}: {_short(err)}")
+            except Exception as store_err:
+                self._fail("could not log the model", store_err)
 
     @_timed
     def finish(self, artifacts=(), status: str = "FINISHED") -> None:
@@ -407,6 +517,20 @@ def _exists(client, run_id: str) -> bool:
         return True
     except Exception:
         return False
+
+
+@contextlib.contextmanager
+def _fluent_store(uri: str):
+    """MLflow's module-level store for one call: ``mlflow.set_tracking_uri`` also sets
+    ``MLFLOW_TRACKING_URI``, which would otherwise outrank every later run's own ``tracking.uri``."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 def abort_open_runs(error: BaseException) -> None:
@@ -456,7 +580,7 @@ def import_run(run_dir: str | Path, uri: Optional[str] = None) -> str:
     tracker.start()
     for row in history:
         tracker.log_metrics(_epoch_metrics(row), step=row["epoch"])
-    tracker.log_metrics(metrics, step=len(history))
+    tracker.log_final(metrics, step=len(history))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the problem is raised below, as the command's one message
         tracker.finish([run_dir / "metrics.json", run_dir / "config.yaml", run_dir / "history.jsonl"])
@@ -495,7 +619,7 @@ def parent_run(dataset: str, backbone: str, uri: Optional[str] = None, experimen
         client = _client(uri)
         exp_id = _experiment_id(client, experiment or dataset)
         return _find_or_create_run(client, exp_id, {"role": "parent", "dataset": dataset, "backbone": backbone},
-                                   f"{dataset}/{backbone}")
+                                   f"{dataset} / {backbone}")
     except Exception as err:
         raise _store_error(uri, err) from None
 
@@ -534,16 +658,27 @@ def _result_run(client, exp_id: str, run_dir: Path):
 _METRIC_NAME = re.compile(r"[^0-9A-Za-z_\-. /]")
 
 
+#: Columns that tell a table's rows apart, and how each appears in a metric name.
+_ROW_KEYS = {"backbone": str, "method": str, "budget_pct": lambda v: f"b{v:g}", "budget": lambda v: f"b{v * 100:g}",
+             "seed": lambda v: f"s{int(v)}"}
+
+
 def _table_metrics(table) -> dict[str, float]:
-    """The table's numbers as metrics named ``backbone/method/b{budget}/column`` (our rows only)."""
+    """The table's numbers as metrics named ``backbone/method/b{budget}[/s{seed}]/column`` (our rows only).
+
+    A table whose rows those columns cannot tell apart gives no metrics (it stays an artifact and an
+    MLflow table): one name for several rows would keep only the last row's value.
+    """
     import pandas as pd
 
     if "source" in table.columns:
         table = table[table["source"] == "ours"]
-    keys = [c for c in ("backbone", "method", "budget_pct") if c in table.columns]
+    keys = [c for c in _ROW_KEYS if c in table.columns and not (c == "budget" and "budget_pct" in table.columns)]
+    if not keys or table.duplicated(subset=keys).any():
+        return {}
     out = {}
     for _, row in table.iterrows():
-        parts = [f"b{row[k]:g}" if k == "budget_pct" else str(row[k]) for k in keys if not pd.isna(row[k])]
+        parts = [_ROW_KEYS[k](row[k]) for k in keys if not pd.isna(row[k])]
         for column, value in row.items():
             if column in keys or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
@@ -588,7 +723,7 @@ def log_summary(dataset: str, artifacts: list, run_metrics: dict, uri: Optional[
     import pandas as pd
 
     try:
-        run_id = _find_or_create_run(client, exp_id, {"role": "summary", "dataset": dataset}, f"{dataset}/summary")
+        run_id = _find_or_create_run(client, exp_id, {"role": "summary", "dataset": dataset}, f"{dataset} / summary")
         summary = client.get_run(run_id)
         for path in map(Path, artifacts):
             client.log_artifact(run_id, str(path))

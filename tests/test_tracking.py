@@ -74,6 +74,45 @@ def test_sqlite_store_receives_params_metrics_and_tags(tmp_path, data_cache, sto
     assert _steps(uri, run.info.run_id, "test_top1") == [2]
 
 
+def test_a_run_reads_in_the_ui_name_constants_datasets_model_source(tmp_path, data_cache, dense_run, store):
+    """What a newcomer sees: method-first names, constants as params (no one-point charts of them), the
+    splits as dataset inputs, the trained model in Logged models, a source, and how to compare methods."""
+    uri = init_store(store, ("digits-c",))
+    train(_tracked(tmp_path / "run", data_cache, uri, method="manidp", budget=0.5, init_from=str(dense_run)))
+    (run,) = _runs(uri, "digits-c")
+    assert run.info.run_name == "manidp b0.5 s0"
+    assert not set(tracking.CONSTANTS) & set(run.data.metrics)
+    assert run.data.params["final.epochs_trained"] == "1" and "final.macs_dense" in run.data.params
+    inputs = {(i.dataset.name, i.tags[0].value) for i in run.inputs.dataset_inputs}
+    assert inputs == {("digits-c/train", "training"), ("digits-c/val", "validation"), ("digits-c/test", "testing")}
+    client = _client(uri)
+    experiment = client.get_experiment_by_name("digits-c")
+    (model,) = client.search_logged_models([experiment.experiment_id])
+    assert model.source_run_id == run.info.run_id and run.data.tags["manidp.model_format"].startswith("pt2")
+    assert run.data.tags["mlflow.source.name"] == "manidp train"
+    assert "tags.budget" in experiment.tags["mlflow.note.content"]
+    assert tracking.parent_run("digits-c", "cifar_resnet20", uri) in {
+        r.info.run_id for r in _runs(uri) if r.info.run_name == "digits-c / cifar_resnet20"}
+
+
+def test_log_model_switch_skips_the_model(tmp_path, data_cache, store):
+    uri = init_store(store, ("digits-c",))
+    train(_tracked(tmp_path / "run", data_cache, uri, **{"tracking.log_model": False}))
+    client = _client(uri)
+    assert not client.search_logged_models([client.get_experiment_by_name("digits-c").experiment_id])
+
+
+def test_summary_metrics_name_every_row_of_a_per_seed_table():
+    """Keyed without the seed, three seeds' rows would share one name and the last would win."""
+    per_seed = pd.DataFrame({"backbone": ["cifar_resnet20"] * 3, "method": ["dense"] * 3, "budget": [None] * 3,
+                             "seed": [0, 1, 2], "top1_err": [12.3, 12.26, 12.222]})
+    metrics = tracking._table_metrics(per_seed)
+    assert metrics == {"cifar_resnet20/dense/s0/top1_err": 12.3, "cifar_resnet20/dense/s1/top1_err": 12.26,
+                       "cifar_resnet20/dense/s2/top1_err": 12.222}
+    ambiguous = per_seed.drop(columns="seed")
+    assert tracking._table_metrics(ambiguous) == {}  # rows it cannot tell apart get no metrics at all
+
+
 def _parallel_train(out, cache, uri, seed: int) -> list[str]:
     return manidp_cli("train", "--out", str(out), "--seed", str(seed), "--epochs", "1", "--threads", "1",
                       "--set", "train.batch_size=32", "--set", "data.max_train=64", "--set", "data.max_eval=32",
