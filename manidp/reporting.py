@@ -540,12 +540,17 @@ def to_latex(table: "pd.DataFrame", profiles: list[str], dataset: str,
 
 def write_table(table: "pd.DataFrame", out_csv: Path, profiles: list[str], dataset: str,
                 tolerance_pct: float = PAPER_TOLERANCE_PCT) -> list[Path]:
-    """The tidy CSV, and the markdown and LaTeX versions beside it (same stem)."""
+    """The tidy CSV; beside it (same stem) the paper-layout Markdown and LaTeX
+    (:mod:`manidp.paper_layout`) and ``{stem}_full.md`` with every column."""
+    from manidp.paper_layout import to_paper_latex, to_paper_markdown
+
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out_csv, out_csv.with_suffix(".md"), out_csv.with_suffix(".tex")]
+    full = out_csv.with_name(f"{out_csv.stem}_full.md")
+    paths = [out_csv, out_csv.with_suffix(".md"), out_csv.with_suffix(".tex"), full]
     table.to_csv(paths[0], index=False, float_format="%.4f")
-    paths[1].write_text(to_markdown(table, profiles, tolerance_pct))
-    paths[2].write_text(to_latex(table, profiles, dataset, tolerance_pct))
+    paths[1].write_text(to_paper_markdown(table, profiles, full.name))
+    paths[2].write_text(to_paper_latex(table, profiles, dataset, full.name))
+    paths[3].write_text(to_markdown(table, profiles, tolerance_pct))
     return paths
 
 
