@@ -1073,21 +1073,59 @@ def cast_deployed(model: nn.Module, device=None, dtype: Optional[torch.dtype] = 
     return model
 
 
-def _time_call(func: Callable, inputs: Sequence[torch.Tensor], repeats: int) -> float:
+def _clock() -> Callable[[], float]:
+    """The planner's clock: with one CPU thread that thread's CPU time, which leaves out waits for a busy
+    core; else wall time (a module function, so tests can give the planner a fake clock)."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def _time_call(func: Callable, inputs: Sequence[torch.Tensor], repeats: int,
+               before: Optional[Callable[[int], None]] = None) -> float:
     """Fastest over ``repeats`` of the mean time (ms) of ``func`` over ``inputs`` (each cloned: blocks
     may overwrite their input), after one untimed pass. The minimum, not the median: other jobs on a
-    shared machine only ever add time, and a plan compares two paths, not absolute latencies. With
-    one CPU thread the clock is that thread's CPU time, which leaves out waits for a busy core."""
-    now = time.thread_time if inputs[0].is_cpu and torch.get_num_threads() == 1 else time.perf_counter
+    shared machine only ever add time, and a plan compares two paths, not absolute latencies.
+
+    ``before(i)``, when given, runs untimed before input ``i`` is timed (the planner restores the slice
+    cache there, so each instance is timed with the cache it would meet in use)."""
+    now = _clock() if inputs[0].is_cpu else time.perf_counter
     times = []
     for r in range(repeats + 1):
         clones = [x.clone() for x in inputs]
-        start = now()
-        for x in clones:
+        total = 0.0
+        for i, x in enumerate(clones):
+            if before is not None:
+                before(i)
+            start = now()
             func(x)
+            total += now() - start
         if r:
-            times.append((now() - start) * 1000 / len(inputs))
+            times.append(total * 1000 / len(inputs))
     return min(times)
+
+
+def _leave_one_out(block: "_Deployed", inputs: Sequence[torch.Tensor]) -> Callable[[int], None]:
+    """Before timing instance ``i`` of ``inputs`` on the gathered path: the slice cache as it was when
+    planning began plus what the OTHER instances put there, never instance ``i``'s own slices.
+
+    In use the timed instances are not the planning ones, so a kept set recurs only if other instances
+    had it: a plan timed on a cache that already holds the instance's own slices counts every miss as a
+    hit and puts blocks on the gathered path that lose to dense-then-mask once kept sets vary. One
+    instance alone is timed on a cache without its slices (all misses)."""
+    cache = block.cache
+    start = cache.snapshot()
+    warmed = []
+    for i in range(len(inputs)):
+        cache.restore(start)
+        for j, x in enumerate(inputs):
+            if j != i:
+                block.gathered(x.clone())
+        warmed.append(cache.snapshot())
+    cache.restore(start)
+
+    def before(i: int) -> None:
+        cache.restore(warmed[i])
+
+    return before
 
 
 def trace_and_freeze(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -1202,7 +1240,11 @@ def plan_deployment(model: nn.Module, inputs: Sequence[torch.Tensor], repeats: i
     Each block is timed on the inputs it receives when ``model`` runs
     ``inputs`` (real instances, so its gates keep what they keep in use),
     both ways, with this process's threads and dtype: the plan belongs to the
-    hardware profile it was measured on. With ``freeze_dense`` the dense path
+    hardware profile it was measured on. The gathered path is timed
+    leave-one-out (:func:`_leave_one_out`): each instance meets a slice cache
+    warmed on the other instances only, as a timed instance meets one warmed
+    on the planning instances, so a kept set that varies per instance is
+    timed as the miss it will be. With ``freeze_dense`` the dense path
     is timed as :func:`compile_deployed` will run it (frozen TorchScript).
     Off CPU, or for batches > 1, every block runs dense (no host
     synchronisation). Returns ``{block name: {"path", "gathered_ms",
@@ -1233,7 +1275,8 @@ def plan_deployment(model: nn.Module, inputs: Sequence[torch.Tensor], repeats: i
             plan[name] = {"path": "dense", "gathered_ms": None, "dense_ms": None, "kept": kept}
             continue
         dense = trace_and_freeze(_DensePath(block), block_inputs[0]) if freeze_dense else block.dense
-        gathered_ms = _time_call(block.gathered, block_inputs, repeats)
+        before = _leave_one_out(block, block_inputs)
+        gathered_ms = _time_call(block.gathered, block_inputs, repeats, before)
         dense_ms = _time_call(dense, block_inputs, repeats)
         block.path = "gathered" if gathered_ms < dense_ms else "dense"
         plan[name] = {"path": block.path, "gathered_ms": gathered_ms, "dense_ms": dense_ms, "kept": kept}

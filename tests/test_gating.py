@@ -36,6 +36,65 @@ class PooledGate(nn.Module):
         return s.masked_fill(s < self.threshold, 0.0)
 
 
+def test_planner_times_the_gathered_path_as_timed_instances_meet_the_cache(monkeypatch):
+    """Leave-one-out planning: a block whose kept set differs between the planning instances is timed as
+    the miss it will be in use and goes dense-then-mask; a block whose instances share a kept set is
+    timed on the other instance's cached slices and stays gathered. A fake clock charges each slice
+    built on a cache miss and each dense call, so no real timing is involved."""
+    from manidp import gating
+
+    model, gates = _gated("cifar_resnet20")
+    x = torch.randn(4, *FAMILIES["cifar_resnet20"][0])
+    generator = torch.Generator().manual_seed(0)
+
+    def per_instance(gate, args):  # a random projection of the standardised pool, cut at its batch median
+        pooled = args[0].mean((2, 3))
+        weight = torch.randn(gate.fc.out_features, gate.fc.in_features, generator=generator)
+        weight = weight / pooled.std(0).clamp(min=1e-6)
+        z = pooled @ weight.T
+        gate.fc.weight.copy_(weight)
+        gate.fc.bias.copy_(-z.median(0).values)
+        gate.threshold = 1.0  # 0.5 + sigmoid(z - median) >= 1: above the median
+
+    handles = [site.gate.register_forward_pre_hook(per_instance) for site in gates]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    deployed = deploy_model(model)
+    fake = [0.0]
+    monkeypatch.setattr(gating, "_clock", lambda: lambda: fake[0])
+    get = gating.SliceCache.get
+
+    def charged_get(self, key, build):
+        def charged():
+            fake[0] += 1.0  # a miss: gather and pack
+            return build()
+        return get(self, key, charged)
+
+    monkeypatch.setattr(gating.SliceCache, "get", charged_get)
+    dense = gating.DeployedBasicBlock.dense
+
+    def charged_dense(self, x):
+        fake[0] += 0.1  # dense-then-mask: dearer than a hit, far cheaper than a miss
+        return dense(self, x)
+
+    monkeypatch.setattr(gating.DeployedBasicBlock, "dense", charged_dense)
+    with torch.no_grad():
+        model(x[:2])
+    varies = {}  # block name -> whether a gate of it keeps other channels for instance 0 than for 1
+    for site in gated_layers(model):
+        block = site.conv_names[0].rpartition(".")[0]
+        varies[block] = varies.get(block, False) or bool((site.mask[0] != 0).ne(site.mask[1] != 0).any())
+    assert any(varies.values())
+    plan = plan_deployment(deployed, [x[0:1], x[1:2]], repeats=1, freeze_dense=False)
+    assert {name: entry["path"] for name, entry in plan.items()} == {
+        name: "dense" if changes else "gathered" for name, changes in varies.items()}
+    # one kept set for both planning instances: the other instance's slices are cached, gathered wins
+    plan = plan_deployment(deployed, [x[0:1], x[0:1]], repeats=1, freeze_dense=False)
+    assert {entry["path"] for entry in plan.values()} == {"gathered"}
+
+
 def _gated(name: str, input_size=None, seed: int = 0):
     """A gated backbone in eval mode with real BN statistics and BN outputs near 5 +- 0.2,
     so that no activation map is all zero by accident (the brute-force count needs that)."""
