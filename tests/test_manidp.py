@@ -135,6 +135,44 @@ def test_gates_get_no_weight_decay_and_their_own_learning_rate():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_the_authors_variant_is_registered_and_every_run_names_its_variant():
+    authors = METHODS.get("manidp_authors")(budget=0.5)
+    assert authors.options["threshold_rule"] == "mean_rank" and authors.options["gate_lr_scale"] == 1.0
+    assert authors.options["detach_beta"] is False and authors.dynamic
+    assert "authors' code" in authors.describe()["variant"]
+    ours = ManiDP(budget=0.5).describe()["variant"]
+    assert "quantile thresholds, gate lr x10, detached beta" in ours and "chosen on validation" in ours
+
+
+def test_the_authors_gate_init_weight_decay_and_keep_rate_index_are_one_option_away():
+    torch.manual_seed(0)
+    ours, theirs = SaliencyGate(64, 64), SaliencyGate(64, 64, fc1_init="kaiming_normal", fc2_init="kaiming_normal")
+    assert theirs.fc1.weight.std() > 2 * ours.fc1.weight.std()  # kaiming_normal: std sqrt(2 / fan_in)
+    assert theirs.fc2.weight.std() > 100 * ours.fc2.weight.std() and (theirs.fc2.bias == 1).all()
+    method = ManiDP({"norm_decay": True, "fc1_init": "kaiming_normal"}, budget=0.5)
+    model, ctx = _model_and_context(method)
+    model = method.prepare(model, ctx)
+    assert method.gates[0].gate.fc1.weight.std() > 0.15  # the option reaches the gates
+    decayed = {id(p) for g in method.param_groups(model, 5e-4) if g["weight_decay"] for p in g["params"]}
+    assert id(model.bn1.weight) in decayed and id(model.bn1.bias) in decayed
+    assert not decayed & {id(p) for g in method.gates for p in g.parameters()}
+    rates = {}
+    for index in ("update", "epoch"):
+        method = ManiDP({"keep_rate_index": index, "threshold_rule": "mean_rank"}, budget=0.5)
+        model, ctx = _model_and_context(method)
+        model = method.prepare(model, ctx)
+        method.complexity = 1.0
+        method.training_loss(model, torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,)), ctx)
+        ctx.epochs, ctx.epoch, ctx.step = 4, 1, ctx.steps_per_epoch - 1  # the end of epoch 1 of 4
+        method.after_step(model, ctx)
+        rates[index] = method.keep_rate
+    target = method.keep_rate_target
+    assert rates["epoch"] == pytest.approx(keep_rate_schedule(1, 4, target))  # the authors' r_e, e = 1
+    assert rates["update"] == pytest.approx(keep_rate_schedule(0, 3, target))  # first of 3 updates
+    with pytest.raises(UserError, match="keep_rate_index"):
+        ManiDP({"keep_rate_index": "step"}, budget=0.5)
+
+
 def test_keep_rate_target_meets_the_budget_statically():
     method = ManiDP(budget=0.4)
     model, ctx = _model_and_context(method)
