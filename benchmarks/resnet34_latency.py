@@ -26,6 +26,7 @@ import sys
 import timm
 import torch
 
+from manidp import gating
 from manidp.gating import (DEFAULT_SLICE_CACHE_MB, deploy_model, deployed_blocks, insert_gates, kept_channels,
                            slice_cache)
 from manidp.latency import (MEMORY_FORMATS, InMemoryFormat, distinct_kept_sets, hardware_profile, measure_latency,
@@ -199,7 +200,10 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
     ``nchw``: NCHW activations instead of the dense reference's format;
     ``no_dispatch``: every block gathered, nothing compiled; ``aten_ops``: no
     compiled ops (:mod:`manidp.kernels`: gate, scale + pool, residual + ReLU
-    as ATen ops). Each is planned and warmed on ``plan_inputs`` and its slice
+    as ATen ops); ``kept_padding_16``: kept sets padded to oneDNN's SIMD block
+    (16 channels) with zero-mask channels, so convolution shapes recur;
+    ``oihw_reorder``: slices reordered into oneDNN's layout from OIHW rather
+    than from an input-channels-last copy (what a cache miss pays). Each is planned and warmed on ``plan_inputs`` and its slice
     cache restored before every pass. Ratios are against the optimized dense
     reference.
     """
@@ -208,10 +212,13 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
     restore = {}
 
     def variant(name, cache_mb=args.slice_cache_mb, memory_format=fmt, eager_gates=False, compiled=True,
-                dispatch=True):
+                dispatch=True, kept_block=None, reorder_channels_last=True):
+        gating._REORDER_FROM_CHANNELS_LAST = reorder_channels_last  # slices packed while planning and warming
         deployed = deploy_model(gated, slice_cache_mb=cache_mb)
         for block in deployed_blocks(deployed).values():
             block.use_kernels = compiled
+            if kept_block is not None:
+                block.kept_block = kept_block
             if eager_gates:
                 block.fused = [getattr(block, f"gate{i + 1}") for i in range(len(block.fused))]
         if dispatch:
@@ -221,15 +228,26 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
             with torch.inference_mode():
                 for x in plan_inputs:
                     runnable(x.clone())
+        gating._REORDER_FROM_CHANNELS_LAST = True
         warm = slice_cache(deployed).snapshot()
         restore[name] = lambda: slice_cache(deployed).restore(warm)
+        if not reorder_channels_last:  # its misses while timed too
+            def run(x, runnable=runnable):
+                gating._REORDER_FROM_CHANNELS_LAST = False
+                try:
+                    return runnable(x)
+                finally:
+                    gating._REORDER_FROM_CHANNELS_LAST = True
+            return run
         return runnable
 
     models = {"dense_eager": dense, "dense": reference, "full": variant("full"),
               "no_slice_cache": variant("no_slice_cache", cache_mb=0),
               "eager_gates": variant("eager_gates", eager_gates=True), "aten_ops": variant("aten_ops", compiled=False),
               "nchw": variant("nchw", memory_format="contiguous" if fmt == "channels_last" else "channels_last"),
-              "no_dispatch": variant("no_dispatch", dispatch=False)}
+              "no_dispatch": variant("no_dispatch", dispatch=False),
+              "kept_padding_16": variant("kept_padding_16", kept_block=16),
+              "oihw_reorder": variant("oihw_reorder", reorder_channels_last=False)}
     times = measure_latency(models, inputs, args.warmup, args.repeats, args.clock, restore)
     medians = {name: spread(t)["median"] for name, t in times.items()}
     return {"benchmark": "resnet34_latency_ablations", "threads": threads, "clock": args.clock,

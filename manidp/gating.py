@@ -425,6 +425,10 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], s
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+#: Whether :class:`_SlicedConv` reorders weights from an input-channels-last copy (False: from OIHW, to compare).
+_REORDER_FROM_CHANNELS_LAST = True
+
+
 @dataclass(frozen=True)
 class _ConvGeometry:
     stride: tuple
@@ -448,8 +452,13 @@ class _SlicedConv:
         self.packed = pack and _PACKED and weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16)
         if self.packed:
             g = geometry
+            # oneDNN's blocked weight layouts keep input channels innermost: reordered from an input-channels-
+            # last copy, the reorder moves contiguous runs of channels instead of single elements, which more
+            # than pays for the copy (the cost a slice pays on a cache miss; benchmarks/README)
+            source = weight.contiguous(memory_format=torch.channels_last) if _REORDER_FROM_CHANNELS_LAST \
+                and weight.dim() == 4 else weight.contiguous()
             weight = torch.ops.mkldnn._reorder_convolution_weight(
-                weight.contiguous(), list(g.padding), list(g.stride), list(g.dilation), groups, list(input_shape))
+                source, list(g.padding), list(g.stride), list(g.dilation), groups, list(input_shape))
         self.weight, self.bias = weight, bias
 
     def __call__(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
@@ -606,6 +615,7 @@ class _Deployed(nn.Module):
         self.cache = SliceCache(int(DEFAULT_SLICE_CACHE_MB * 2 ** 20))
         self.recorded: Optional[list] = None  # masks of dense calls, while a plan counts kept channels
         self.use_kernels = True  # the compiled ops where they run (False: ATen only, to compare)
+        self.kept_block = 1  # kept sets padded to a multiple of this (:meth:`_kept`; 1: not padded)
         self.full = _PackedConvs()  # the dense path's convolutions and the shortcut, prepacked per input shape
 
     def _set_gates(self, *gates: ChannelGate) -> None:
@@ -696,17 +706,27 @@ class _Deployed(nn.Module):
     def _kept(self, mask: torch.Tensor) -> tuple[torch.Tensor, bytes]:
         """Kept channels of a batch-1 mask: (index tensor, cache key), the index cached per set.
 
-        An empty set keeps channel 0, whose mask entry is 0: the channel is
-        computed and multiplied by zero (same output), and PyTorch refuses
-        zero-size convolutions.
+        With :attr:`kept_block` > 1 the set is padded with the lowest-numbered
+        skipped channels up to a multiple of it (their mask entries are 0:
+        computed and multiplied by zero, the output is unchanged), so that
+        convolution shapes recur across instances whose kept counts differ and
+        oneDNN reuses its primitives. Off by default: oneDNN's primitive cache
+        already holds the shapes a workload repeats, and the benchmark's
+        ``kept_padding_16`` ablation row measured no gain (benchmarks/README).
+        An empty set keeps channel 0 (PyTorch refuses zero-size convolutions).
         """
         alive = mask[0] != 0
-        key = alive.numpy().tobytes()
+        block = getattr(self, "kept_block", 1)  # deployed before padding existed: unpadded
+        key = alive.numpy().tobytes() + block.to_bytes(2, "little")
 
         def build():
-            index = alive.nonzero().squeeze(1)
-            if index.numel() == 0:
-                index = alive.new_zeros(1, dtype=torch.long)
+            padded = alive
+            count = int(alive.sum())
+            target = min(alive.numel(), max(1, -(-count // block) * block))
+            if target > count:
+                padded = alive.clone()
+                padded[(~alive).nonzero().squeeze(1)[:target - count]] = True
+            index = padded.nonzero().squeeze(1)
             return index, index.numel() * index.element_size()
 
         return self.cache.get((id(self), "kept", key), build), key

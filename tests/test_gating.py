@@ -36,6 +36,50 @@ class PooledGate(nn.Module):
         return s.masked_fill(s < self.threshold, 0.0)
 
 
+def _per_instance_gated(name: str):
+    """A gated backbone whose kept sets vary per instance (x: 4 instances): each gate is a random
+    projection of its standardised pooled input, each channel cut in the widest gap between the
+    batch's values (far from every instance, so the deployed form's other summation orders flip none)."""
+    model, gates = _gated(name)
+    x = torch.randn(4, *FAMILIES[name][0])
+    generator = torch.Generator().manual_seed(0)
+
+    def per_instance(gate, args):
+        pooled = args[0].mean((2, 3))
+        weight = torch.randn(gate.fc.out_features, gate.fc.in_features, generator=generator)
+        weight = weight / pooled.std(0).clamp(min=1e-6)
+        gate.fc.weight.copy_(weight)
+        ordered = (pooled @ weight.T).sort(0).values
+        widest = (ordered[1:] - ordered[:-1]).argmax(0, keepdim=True)  # cut in the widest gap: no near ties
+        gate.fc.bias.copy_(-(ordered.gather(0, widest) + ordered.gather(0, widest + 1))[0] / 2)
+        gate.threshold = 1.0  # 0.5 + sigmoid(z - cut) >= 1: above the cut
+
+    handles = [site.gate.register_forward_pre_hook(per_instance) for site in gates]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return model, x
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "mobilenetv2_100"])
+def test_gathered_path_with_per_instance_kept_sets_equals_masked_model(name):
+    """Every instance its own kept set, each a slice-cache miss, with and without the sets padded to
+    oneDNN's 16-channel block (padding channels have mask 0: computed, then zeroed)."""
+    model, x = _per_instance_gated(name)
+    with torch.no_grad():
+        masked = model(x)
+    assert all(len({tuple((g.mask[i] != 0).tolist()) for i in range(len(x))}) > 1 for g in gated_layers(model))
+    for kept_block in (1, 16):
+        deployed = deploy_model(model)
+        for block in deployed_blocks(deployed).values():
+            block.path, block.kept_block = "gathered", kept_block
+        with torch.no_grad():
+            out = torch.cat([deployed(x[i:i + 1].clone()) for i in range(len(x))])
+        assert _rel_error(out, masked) <= 1e-4
+        assert slice_cache(deployed).stats()["hits"] == 0  # no instance found another's slices
+
+
 def test_planner_times_the_gathered_path_as_timed_instances_meet_the_cache(monkeypatch):
     """Leave-one-out planning: a block whose kept set differs between the planning instances is timed as
     the miss it will be in use and goes dense-then-mask; a block whose instances share a kept set is
@@ -43,24 +87,7 @@ def test_planner_times_the_gathered_path_as_timed_instances_meet_the_cache(monke
     built on a cache miss and each dense call, so no real timing is involved."""
     from manidp import gating
 
-    model, gates = _gated("cifar_resnet20")
-    x = torch.randn(4, *FAMILIES["cifar_resnet20"][0])
-    generator = torch.Generator().manual_seed(0)
-
-    def per_instance(gate, args):  # a random projection of the standardised pool, cut at its batch median
-        pooled = args[0].mean((2, 3))
-        weight = torch.randn(gate.fc.out_features, gate.fc.in_features, generator=generator)
-        weight = weight / pooled.std(0).clamp(min=1e-6)
-        z = pooled @ weight.T
-        gate.fc.weight.copy_(weight)
-        gate.fc.bias.copy_(-z.median(0).values)
-        gate.threshold = 1.0  # 0.5 + sigmoid(z - median) >= 1: above the median
-
-    handles = [site.gate.register_forward_pre_hook(per_instance) for site in gates]
-    with torch.no_grad():
-        model(x)
-    for handle in handles:
-        handle.remove()
+    model, x = _per_instance_gated("cifar_resnet20")
     deployed = deploy_model(model)
     fake = [0.0]
     monkeypatch.setattr(gating, "_clock", lambda: lambda: fake[0])
