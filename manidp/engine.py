@@ -43,9 +43,8 @@ from manidp.evaluation import evaluate, summarize, write_instances
 from manidp.macs import InstanceMacs, count_macs
 from manidp.methods import METHODS, RunContext, load_all
 from manidp.models import build_backbone, load_state_file
-from manidp.tracking import RunTracker
 
-__all__ = ["train", "load_model", "evaluate_run", "TrainingDiverged"]
+__all__ = ["train", "load_model", "evaluate_run", "TrainingDiverged", "RunObserver"]
 
 CHECKPOINT_FORMAT = "manidp-checkpoint-1"
 MODEL_FORMAT = "manidp-model-1"
@@ -53,6 +52,29 @@ MODEL_FORMAT = "manidp-model-1"
 
 class TrainingDiverged(UserError):
     """A non-finite loss: the run stops instead of training on NaNs."""
+
+
+class RunObserver:
+    """What the engine reports as a run goes, for whoever records it (the command line passes
+    ``manidp.tracking.MlflowObserver``); this base records nothing.
+
+    ``seconds`` is the time the observer spent, which the engine keeps out of the
+    recorded training times (a slow tracking server is not training).
+    """
+
+    seconds = 0.0
+
+    def started(self, out: Path, cfg: dict, history: list[dict], splits) -> None:
+        """The run starts (``history`` empty) or resumes after the epochs in ``history``."""
+
+    def epoch_ended(self, row: dict, epoch: int) -> None:
+        """One epoch's metrics (``row``), at step ``epoch``."""
+
+    def finished(self, out: Path, model: nn.Module, metrics: dict, splits, step: int) -> None:
+        """The run's final metrics (step after the last epoch) and model; its files are written."""
+
+    def failed(self, error: BaseException) -> None:
+        """The run dies (an error, Ctrl-C, SIGTERM)."""
 
 
 # ---------------------------------------------------------------- runtime setup
@@ -222,9 +244,13 @@ def _log(dist: _Distributed):
     return log
 
 
-def train(cfg: dict) -> Path:
-    """Train (or resume) the run described by the resolved config; return its folder."""
+def train(cfg: dict, observer: Optional[RunObserver] = None) -> Path:
+    """Train (or resume) the run described by the resolved config; return its folder.
+
+    ``observer`` hears about the run as it goes (on the first rank only).
+    """
     dist = _Distributed(cfg["runtime"]["device"])
+    observer = observer if observer is not None and dist.main else RunObserver()
     log = _log(dist)
     out = Path(cfg["out"]) if cfg["out"] else default_out_dir(cfg)
     cfg = {**check_runnable(cfg), "out": str(out)}
@@ -275,10 +301,7 @@ def train(cfg: dict) -> Path:
         log(f"{out}: resuming after epoch {state['epoch'] + 1}/{cfg['train']['epochs']}")
     if dist.main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    tracker = RunTracker(out, cfg, enabled=dist.main)
-    tracker.start(resume_history=history)
-    if not history:
-        tracker.log_datasets(cfg["dataset"], cfg["data"], splits.info)
+    observer.started(out, cfg, history, splits)
 
     forward_model = model
     if dist.world_size > 1:
@@ -286,8 +309,8 @@ def train(cfg: dict) -> Path:
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=method.ddp_find_unused_parameters)
 
-    def clock() -> float:  # wall time less the time spent logging to MLflow (a slow store is not training)
-        return time.time() - tracker.seconds
+    def clock() -> float:  # wall time less the observer's (a slow tracking store is not training)
+        return time.time() - observer.seconds
 
     started = clock() - sum(h.get("time_s", 0.0) for h in history)
     if start_epoch == 0 and cfg["train"]["epochs"] > 0:
@@ -310,11 +333,11 @@ def train(cfg: dict) -> Path:
                              "rng": {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()}},
                             checkpoint_file)
                 atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+                observer.epoch_ended(row, epoch)
                 log(_epoch_line(row, cfg))
             dist.barrier()
     except BaseException:
-        tracker.abort(sys.exc_info()[1])
+        observer.failed(sys.exc_info()[1])
         raise
 
     model = method.finalize(model, ctx)
@@ -325,9 +348,7 @@ def train(cfg: dict) -> Path:
         metrics.update({"wall_time_s": train_time, "epochs_trained": len(history),
                         "optimizer_steps": len(history) * len(train_loader)})
         _write_final(model, method, splits, cfg, dense_macs, metrics, out)
-        tracker.log_final(_numeric(metrics), step=len(history))  # after the last epoch's step
-        tracker.log_model(model, splits.input_size)
-        tracker.finish([out / "metrics.json", out / "config.yaml", out / "history.jsonl"])
+        observer.finished(out, model, _numeric(metrics), splits, step=len(history))  # after the last epoch
         split = "test" if test_loader is not None else "val"
         log(f"{out}: {split} top-1 {metrics[f'{split}_top1']:.2f} %, MACs {metrics['macs'] / 1e6:.3f} M "
             f"({metrics['macs_reduction'] * 100:.1f} % fewer), {train_time:.1f} s")

@@ -47,7 +47,7 @@ from typing import Any, Iterable, Optional
 from manidp._files import result_id
 from manidp.errors import UserError
 
-__all__ = ["resolve_uri", "init_store", "RunTracker", "import_run", "pending", "identity_tags", "find_result_runs",
+__all__ = ["resolve_uri", "init_store", "RunTracker", "MlflowObserver", "import_run", "pending", "identity_tags", "find_result_runs",
            "abort_open_runs", "flatten", "parent_run", "log_summary", "PENDING_FILE", "IDENTITY_TAG"]
 
 DEFAULT_DB = Path("results") / "mlflow.db"
@@ -531,6 +531,36 @@ def _fluent_store(uri: str):
         yield
     finally:
         mlflow.set_tracking_uri(before)
+
+
+class MlflowObserver:
+    """The engine's run observer (``manidp.engine.RunObserver``'s hooks) that mirrors a run into MLflow:
+    its run, per-epoch metrics, dataset inputs, final metrics, model and files."""
+
+    def __init__(self):
+        self.tracker: Optional[RunTracker] = None
+
+    @property
+    def seconds(self) -> float:
+        return self.tracker.seconds if self.tracker else 0.0
+
+    def started(self, out: Path, cfg: dict, history: list, splits) -> None:
+        self.tracker = RunTracker(out, cfg)
+        self.tracker.start(resume_history=history)
+        if not history:
+            self.tracker.log_datasets(cfg["dataset"], cfg["data"], splits.info)
+
+    def epoch_ended(self, row: dict, epoch: int) -> None:
+        self.tracker.log_metrics(_epoch_metrics(row), step=epoch)
+
+    def finished(self, out: Path, model, metrics: dict, splits, step: int) -> None:
+        self.tracker.log_final(metrics, step=step)
+        self.tracker.log_model(model, splits.input_size)
+        self.tracker.finish([out / "metrics.json", out / "config.yaml", out / "history.jsonl"])
+
+    def failed(self, error: BaseException) -> None:
+        if self.tracker is not None:
+            self.tracker.abort(error)
 
 
 def abort_open_runs(error: BaseException) -> None:

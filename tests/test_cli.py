@@ -224,7 +224,7 @@ BAD_FLAGS = [
     (("tracking", "init", "{folder}"), "tracking init takes no run folder"),
     (("tracking-summary", "--dataset", "digits-c", "--runs", "{unfinished}", "--out", "{folder}"),
      "is a folder; give the file to write"),
-    (("nosuch",), "argument command: invalid choice: 'nosuch'"),
+    (("nosuch",), "argument COMMAND: invalid choice: 'nosuch'"),
 ]
 
 

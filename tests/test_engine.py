@@ -87,9 +87,10 @@ def test_killed_run_resumes_from_checkpoint_and_continues_its_mlflow_run(tmp_pat
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("digits-c").experiment_id])
-    # One per result: the reference folder holds the same result (same config), so the killed run,
-    # starting from scratch, replaced its run; resuming continued that run instead of adding one.
-    assert [r.info.run_id for r in runs] == [run_id]
+    # One per result: the reference folder is another result (its own result id) and keeps its run;
+    # resuming the killed folder continued its run instead of adding one.
+    assert len(runs) == 2 and run_id in {r.info.run_id for r in runs}
+    assert {r.info.status for r in runs} == {"FINISHED"}
     resumed = client.get_run(run_id)
     assert resumed.info.status == "FINISHED" and "test_top1" in resumed.data.metrics
 

@@ -21,7 +21,7 @@ import torch
 from conftest import manidp_cli, small_run_config
 from manidp import _files, tracking
 from manidp.cli import main
-from manidp.engine import train
+from manidp import engine
 
 
 class _RunsCode:
@@ -114,6 +114,11 @@ def _runs(uri: str) -> list:
 
     client = MlflowClient(uri)
     return client.search_runs([client.get_experiment_by_name("digits-c").experiment_id])
+
+
+def train(cfg: dict):
+    """Train as ``manidp train`` does: with the MLflow observer."""
+    return engine.train(cfg, tracking.MlflowObserver())
 
 
 def _tracked(out: Path, cache: Path, uri: str, **overrides) -> dict:

@@ -14,7 +14,8 @@ import yaml
 
 from conftest import free_port, manidp_cli, small_run_config
 from manidp import tracking
-from manidp.engine import TrainingDiverged, train
+from manidp import engine
+from manidp.engine import TrainingDiverged
 from manidp.errors import UserError
 from manidp.tracking import PENDING_FILE, import_run, init_store, log_summary
 
@@ -33,6 +34,11 @@ def _runs(uri: str, experiment: str = "digits-c"):
 
 def _steps(uri: str, run_id: str, key: str) -> list[int]:
     return [m.step for m in sorted(_client(uri).get_metric_history(run_id, key), key=lambda m: m.timestamp)]
+
+
+def train(cfg: dict):
+    """Train as ``manidp train`` does: with the MLflow observer."""
+    return engine.train(cfg, tracking.MlflowObserver())
 
 
 def _tracked(out, cache, uri, **overrides) -> dict:
@@ -181,8 +187,6 @@ def test_identity_is_the_result_not_where_or_how_it_ran(tmp_path, data_cache):
 
 
 def test_runs_that_die_are_marked_failed_or_killed(tmp_path, data_cache, store, monkeypatch):
-    import manidp.engine as engine
-
     uri = store
     with pytest.raises(TrainingDiverged):
         train(_tracked(tmp_path / "nan", data_cache, uri, **{"train.lr": 1e30}))

@@ -1,0 +1,74 @@
+"""The command that times deployed models: ``latency``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from manidp._files import atomic_write_text
+from manidp.cli._command import Command
+from manidp.errors import UserError
+from manidp.gating import DEFAULT_SLICE_CACHE_MB
+from manidp.latency import DTYPES, latency_report
+
+__all__ = ["COMMANDS"]
+
+
+def _add_arguments(p) -> None:
+    p.add_argument("run_dir", nargs="+", help="finished run folder(s) (each holds model.pt), timed one after "
+                   "the other in this process against the same dense model")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--instances", type=int, default=32, help="first N test instances (default 32)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--plan-instances", type=int, default=8,
+                   help="first N validation instances the deployed form is planned and warmed on (default 8)")
+    p.add_argument("--no-inductor", dest="inductor", action="store_false",
+                   help="leave torch.compile (Inductor) out of the dense reference's candidates (it compiles "
+                        "for seconds to a minute)")
+    p.add_argument("--dense", help="dense run folder whose weights the dense model uses")
+    p.add_argument("--slice-cache-mb", type=float, default=DEFAULT_SLICE_CACHE_MB,
+                   help=f"memory cap of the deployed form's weight-slice cache (default {DEFAULT_SLICE_CACHE_MB:g})")
+    p.add_argument("--out", help="JSON file to write, for one run folder (default: print only)")
+    p.add_argument("--out-name", help="file name to write inside each run folder (e.g. latency_cpu-2t.json); "
+                   "several run folders need it")
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text + "\n")  # a killed job never leaves half a report
+
+
+def _run(args) -> int:
+    if args.out and args.out_name:
+        raise UserError("give --out (one run folder) or --out-name (a file in each run folder), not both")
+    if args.out and len(args.run_dir) > 1:
+        raise UserError(f"--out names one file but {len(args.run_dir)} run folders were given; "
+                        f"use --out-name NAME to write NAME inside each run folder")
+    if args.out_name and (Path(args.out_name).name != args.out_name or args.out_name in (".", "..")):
+        raise UserError(f"--out-name {args.out_name}: give a file name, not a path (it is written inside each "
+                        f"run folder)")
+    # Every folder is checked before the first is timed: a typo fails in a second, not after minutes.
+    for run_dir in args.run_dir:
+        if not (Path(run_dir) / "model.pt").is_file():
+            raise UserError(f"{run_dir}/model.pt not found: give finished run folders (manidp train writes them)")
+    dense_cache: dict = {}  # one dense model and reference for every run timed against it
+    for run_dir in args.run_dir:
+        report = latency_report(run_dir, args.device, args.threads, args.batch_size, args.dtype, args.instances,
+                                args.repeats, args.warmup, args.dense, args.slice_cache_mb, dense_cache,
+                                args.plan_instances, args.inductor)
+        text = json.dumps(report, indent=2)
+        if args.out:
+            _write(Path(args.out), text)
+        elif args.out_name:
+            _write(Path(run_dir) / args.out_name, text)
+        print(text)
+    return 0
+
+
+
+COMMANDS = (
+    Command("latency", "batch-1 latency of a run's deployed model vs its dense backbone", _add_arguments, _run),
+)
