@@ -1,20 +1,19 @@
-"""Tables, plots and the MLflow summary, built from run folders alone.
+"""Tables and plots, built from run folders alone.
 
 Results are files first: every number here comes from a run's
 ``metrics.json``, ``instances_test.csv`` and ``latency_{profile}.json``; a
-table never reads a tracking server. The workflow calls these subcommands:
+table never reads a tracking server. The commands that call this module live
+in ``manidp/cli/report.py``:
 
 ``manidp table``
-    ``results/{dataset}_table.csv`` (tidy, one row per method x budget) and
-    ``.md`` / ``.tex`` (pandas ``to_markdown`` and ``Styler.to_latex`` with
-    booktabs) beside it, in the paper's layout: top-1/top-5 error, drops to
-    dense, MACs, MACs reduction, each as mean and standard deviation over
-    seeds with the number of seeds; the training budget (epochs, optimizer
-    steps); validation accuracies a method records (masked/pruned,
-    before/after calibration); speed-up and latency in ms per hardware
-    profile. Each of the paper's reported rows sits on our row of the same
-    method and operating point, with the differences beside it; the paper's
-    other rows follow, labelled reported. ``--per-seed`` writes one row per run.
+    ``results/{dataset}_table.csv`` (tidy, one row per method x budget: error,
+    drops to dense, MACs and their reduction as mean and standard deviation
+    over seeds with the number of seeds, the training budget, validation
+    accuracies a method records, speed-up and latency per hardware profile,
+    each of the paper's reported rows on our row of the same method and
+    operating point); beside it ``.md`` / ``.tex`` in the paper's layout
+    (:mod:`manidp.paper_layout`) and ``_full.md`` with every column.
+    ``--per-seed`` writes one row per run.
 ``manidp plot``
     accuracy vs MACs (error bars over seeds, paper points hollow), for
     dynamic methods per-instance MACs against difficulty (severity where the
@@ -24,10 +23,6 @@ table never reads a tracking server. The workflow calls these subcommands:
     the recipe sweep on validation-only runs: mean/std/n per configuration
     and the chosen recipe per method. It refuses any run that holds test
     numbers.
-``manidp tracking-parent`` / ``manidp tracking-summary``
-    the MLflow parent run per (dataset, backbone) and the summary run holding
-    the tables and plots as artifacts.
-
 Drops to dense are taken per seed (a method's error minus the error of the
 dense model it was fine-tuned from), then averaged.
 """
