@@ -202,9 +202,10 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
     compiled ops (:mod:`manidp.kernels`: gate, scale + pool, residual + ReLU
     as ATen ops); ``kept_padding_16``: kept sets padded to oneDNN's SIMD block
     (16 channels) with zero-mask channels, so convolution shapes recur;
-    ``oihw_reorder``: slices reordered into oneDNN's layout from OIHW rather
-    than from an input-channels-last copy (what a cache miss pays). Each is planned and warmed on ``plan_inputs`` and its slice
-    cache restored before every pass. Ratios are against the optimized dense
+    ``channels_last_reorder``: slices reordered into oneDNN's layout from an
+    input-channels-last copy rather than from OIHW (what a cache miss pays).
+    Each is planned and warmed on ``plan_inputs`` and its slice cache
+    restored before every pass. Ratios are against the optimized dense
     reference.
     """
     reference, info = dense_reference
@@ -212,7 +213,8 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
     restore = {}
 
     def variant(name, cache_mb=args.slice_cache_mb, memory_format=fmt, eager_gates=False, compiled=True,
-                dispatch=True, kept_block=None, reorder_channels_last=True):
+                dispatch=True, kept_block=None, reorder_channels_last=False):
+        default = gating._REORDER_FROM_CHANNELS_LAST
         gating._REORDER_FROM_CHANNELS_LAST = reorder_channels_last  # slices packed while planning and warming
         deployed = deploy_model(gated, slice_cache_mb=cache_mb)
         for block in deployed_blocks(deployed).values():
@@ -228,18 +230,19 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
             with torch.inference_mode():
                 for x in plan_inputs:
                     runnable(x.clone())
-        gating._REORDER_FROM_CHANNELS_LAST = True
+        gating._REORDER_FROM_CHANNELS_LAST = default
         warm = slice_cache(deployed).snapshot()
         restore[name] = lambda: slice_cache(deployed).restore(warm)
-        if not reorder_channels_last:  # its misses while timed too
-            def run(x, runnable=runnable):
-                gating._REORDER_FROM_CHANNELS_LAST = False
-                try:
-                    return runnable(x)
-                finally:
-                    gating._REORDER_FROM_CHANNELS_LAST = True
-            return run
-        return runnable
+        if reorder_channels_last == default:
+            return runnable
+
+        def run(x, runnable=runnable):  # its misses while timed too
+            gating._REORDER_FROM_CHANNELS_LAST = reorder_channels_last
+            try:
+                return runnable(x)
+            finally:
+                gating._REORDER_FROM_CHANNELS_LAST = default
+        return run
 
     models = {"dense_eager": dense, "dense": reference, "full": variant("full"),
               "no_slice_cache": variant("no_slice_cache", cache_mb=0),
@@ -247,7 +250,7 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
               "nchw": variant("nchw", memory_format="contiguous" if fmt == "channels_last" else "channels_last"),
               "no_dispatch": variant("no_dispatch", dispatch=False),
               "kept_padding_16": variant("kept_padding_16", kept_block=16),
-              "oihw_reorder": variant("oihw_reorder", reorder_channels_last=False)}
+              "channels_last_reorder": variant("channels_last_reorder", reorder_channels_last=True)}
     times = measure_latency(models, inputs, args.warmup, args.repeats, args.clock, restore)
     medians = {name: spread(t)["median"] for name, t in times.items()}
     return {"benchmark": "resnet34_latency_ablations", "threads": threads, "clock": args.clock,

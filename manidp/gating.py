@@ -425,8 +425,8 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], s
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
-#: Whether :class:`_SlicedConv` reorders weights from an input-channels-last copy (False: from OIHW, to compare).
-_REORDER_FROM_CHANNELS_LAST = True
+#: Whether :class:`_SlicedConv` reorders weights from an input-channels-last copy (an ablation; default OIHW).
+_REORDER_FROM_CHANNELS_LAST = False
 
 
 @dataclass(frozen=True)
@@ -452,9 +452,9 @@ class _SlicedConv:
         self.packed = pack and _PACKED and weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16)
         if self.packed:
             g = geometry
-            # oneDNN's blocked weight layouts keep input channels innermost: reordered from an input-channels-
-            # last copy, the reorder moves contiguous runs of channels instead of single elements, which more
-            # than pays for the copy (the cost a slice pays on a cache miss; benchmarks/README)
+            # from OIHW by default: an input-channels-last copy first makes oneDNN's reorder itself faster
+            # (its blocked layouts keep input channels innermost), but the copy eats the gain on a cache
+            # miss (benchmarks/miss_path.py, the resnet34 ablation row channels_last_reorder)
             source = weight.contiguous(memory_format=torch.channels_last) if _REORDER_FROM_CHANNELS_LAST \
                 and weight.dim() == 4 else weight.contiguous()
             weight = torch.ops.mkldnn._reorder_convolution_weight(

@@ -60,6 +60,16 @@ def test_resnet34_latency_reports_a_deployed_form_equal_to_the_masked_model(caps
     assert per_instance["slice_cache"]["hit_rate"] == pytest.approx(per_instance["first_pass_hit_rate"])
 
 
+def test_miss_path_times_every_way_of_paying_a_miss_on_the_same_output(capsys, restore_threads):
+    """Each row computes the hit's output (the script checks it before timing), one JSON line per stage."""
+    assert _script("miss_path").main(["--repeats", "1", "--keep", "0.5"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["channels"], r["size"]) for r in rows] == [(64, 56), (128, 28), (256, 14), (512, 7)]
+    for row in rows:
+        assert {"dense", "hit", "miss_oihw", "miss_channels_last", "miss_unpacked", "gemm_im2col"} <= set(row["ms"])
+        assert row["over_dense"]["dense"] == 1.0 and row["kept"] == row["channels"] // 2
+
+
 def test_resnet34_latency_refuses_a_bad_rounding(capsys):
     with pytest.raises(SystemExit) as stop:
         _script("resnet34_latency").main(["--round-to", "0"])
