@@ -19,7 +19,7 @@ import pandas as pd
 
 from manidp.reporting import _DASH, _budget_statement, _fmt, reported_rows
 
-__all__ = ["paper_layout", "to_paper_markdown", "to_paper_latex", "MAX_COLUMNS"]
+__all__ = ["paper_layout", "to_paper_markdown", "to_paper_latex", "to_paper_html", "MAX_COLUMNS"]
 
 MAX_COLUMNS = 14
 _TEXT = {"Backbone", "Method", "Dynamic", "Source"}
@@ -132,3 +132,24 @@ def to_paper_latex(table: pd.DataFrame, profiles: list[str], dataset: str, full_
                       r"model, their gap and the MACs reduction, as in the paper's Tables 1 and 4; ours as mean "
                       r"$\pm$ std over seeds, the paper's reported rows marked as such.}",
                       rf"\label{{tab:{re.sub('[^A-Za-z0-9]', '', dataset)}}}", r"\end{table*}"]) + "\n"
+
+
+def to_paper_html(table: pd.DataFrame, profiles: list[str], dataset: str, full_name: str) -> str:
+    """A standalone HTML page of the table (pandas ``Styler.to_html``), readable where Snakemake's report
+    shows it inline (a CSV there only downloads)."""
+    import html
+
+    shown, reported = paper_layout(table, profiles)
+    styler = (shown.style.hide(axis="index")
+              .set_caption(f"{html.escape(dataset)}: top-1/top-5 error of the baseline and the pruned model, "
+                           "their gap and the MACs reduction, as in the paper's Tables 1 and 4")
+              .apply(lambda row: ["font-style: italic; color: #555" if reported[row.name] else ""] * len(row),
+                     axis=1)
+              .set_table_styles([{"selector": "th, td", "props": "padding: 2px 8px; text-align: right"},
+                                 {"selector": "caption", "props": "caption-side: top; font-weight: bold"}]))
+    lines, notes = _notes(table, profiles, full_name)
+    body = "".join(f"<p>{html.escape(line)}</p>" for line in lines)
+    body += "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>" if notes else ""
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(dataset)} table</title></head>"
+            f"<body style='font-family: sans-serif'>{styler.to_html()}{body}</body></html>\n")

@@ -12,7 +12,8 @@ in ``manidp/cli/report.py``:
     accuracies a method records, speed-up and latency per hardware profile,
     each of the paper's reported rows on our row of the same method and
     operating point); beside it ``.md`` / ``.tex`` in the paper's layout
-    (:mod:`manidp.paper_layout`) and ``_full.md`` with every column.
+    (:mod:`manidp.paper_layout`), ``.html`` (the same, for Snakemake's
+    report) and ``_full.md`` with every column.
     ``--per-seed`` writes one row per run.
 ``manidp plot``
     accuracy vs MACs (error bars over seeds, paper points hollow), for
@@ -536,15 +537,16 @@ def write_table(table: "pd.DataFrame", out_csv: Path, profiles: list[str], datas
                 tolerance_pct: float = PAPER_TOLERANCE_PCT) -> list[Path]:
     """The tidy CSV; beside it (same stem) the paper-layout Markdown and LaTeX
     (:mod:`manidp.paper_layout`) and ``{stem}_full.md`` with every column."""
-    from manidp.paper_layout import to_paper_latex, to_paper_markdown
+    from manidp.paper_layout import to_paper_html, to_paper_latex, to_paper_markdown
 
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     full = out_csv.with_name(f"{out_csv.stem}_full.md")
-    paths = [out_csv, out_csv.with_suffix(".md"), out_csv.with_suffix(".tex"), full]
+    paths = [out_csv, out_csv.with_suffix(".md"), out_csv.with_suffix(".tex"), full, out_csv.with_suffix(".html")]
     table.to_csv(paths[0], index=False, float_format="%.4f")
     paths[1].write_text(to_paper_markdown(table, profiles, full.name))
     paths[2].write_text(to_paper_latex(table, profiles, dataset, full.name))
     paths[3].write_text(to_markdown(table, profiles, tolerance_pct))
+    paths[4].write_text(to_paper_html(table, profiles, dataset, full.name))
     return paths
 
 

@@ -150,7 +150,9 @@ def test_markdown_and_latex(digits_runs, tmp_path):
     paths = reporting.write_table(reporting.build_table(runs, ["cpu-2t"]), tmp_path / "out" / "digits-c_table.csv",
                                   ["cpu-2t"], "digits-c")
     assert [p.name for p in paths] == ["digits-c_table.csv", "digits-c_table.md", "digits-c_table.tex",
-                                       "digits-c_table_full.md"]
+                                       "digits-c_table_full.md", "digits-c_table.html"]
+    page = paths[4].read_text()
+    assert "<table" in page and "16.00 ± 0.00" in page and "<caption" in page
     markdown = paths[3].read_text()
     rows = {r["Method"]: r for r in md_rows(markdown)}
     manidp = rows["manidp"]

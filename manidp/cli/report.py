@@ -86,7 +86,7 @@ def _plot(args) -> int:
 def _tuning_args(p) -> None:
     p.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
                    help="validation-only run folders of the recipe sweep")
-    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--out", required=True, help="CSV to write; an .html twin is written beside it")
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="how far (fraction of dense MACs) a configuration's mean validation reduction may lie "
                         "from the budget (default 0.02)")
@@ -98,12 +98,16 @@ def _tuning(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False, float_format="%.4f")
+    # Readable in Snakemake's report, where a CSV only downloads: chosen recipes in bold.
+    styled = table.style.hide(axis="index").format(precision=3).apply(
+        lambda row: ["font-weight: bold" if row["chosen"] else ""] * len(row), axis=1)
+    out.with_suffix(".html").write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head>"
+                                        f"<body style='font-family: sans-serif'>{styled.to_html()}</body></html>\n")
     chosen = table[table["chosen"]]
     print(f"wrote {out}: {len(table)} configurations, chosen: " + "; ".join(
         f"{r['method']} lr {r['lr']:g} {r['method_options']}" + (" (fallback)" if r["fallback"] else "")
         for _, r in chosen.iterrows()))
     return 0
-
 
 
 COMMANDS = (

@@ -8,14 +8,16 @@ rule table:
     input:
         unpack(report_inputs),
     output:
-        csv=report(
-            "results/{dataset}_table.csv",
+        csv="results/{dataset}_table.csv",
+        md="results/{dataset}_table.md",
+        tex="results/{dataset}_table.tex",
+        full="results/{dataset}_table_full.md",
+        html=report(
+            "results/{dataset}_table.html",
             caption="../report/table.rst",
             category="Tables",
             subcategory="{dataset}",
         ),
-        md="results/{dataset}_table.md",
-        tex="results/{dataset}_table.tex",
         per_seed=report(
             "results/{dataset}_per_seed.csv",
             caption="../report/per_seed.rst",
@@ -83,14 +85,16 @@ rule ablation_table:
     input:
         unpack(ablation_inputs),
     output:
-        csv=report(
-            "results/{dataset}_ablations.csv",
+        csv="results/{dataset}_ablations.csv",
+        md="results/{dataset}_ablations.md",
+        tex="results/{dataset}_ablations.tex",
+        full="results/{dataset}_ablations_full.md",
+        html=report(
+            "results/{dataset}_ablations.html",
             caption="../report/ablations.rst",
             category="Tables",
             subcategory="{dataset}",
         ),
-        md="results/{dataset}_ablations.md",
-        tex="results/{dataset}_ablations.tex",
     log:
         "results/logs/{dataset}/ablation_table.log",
     localrule: True
@@ -111,8 +115,9 @@ rule tuning_table:
     input:
         metrics=tuning_metrics,
     output:
-        report(
-            "results/{dataset}_tuning.csv",
+        csv="results/{dataset}_tuning.csv",
+        html=report(
+            "results/{dataset}_tuning.html",
             caption="../report/tuning.rst",
             category="Tables",
             subcategory="{dataset}",
@@ -129,7 +134,7 @@ rule tuning_table:
     params:
         runs=lambda wc: " ".join(tuning_dirs(wc)),
     shell:
-        "manidp tuning-table --runs {params.runs} --out {output} > {log} 2>&1"
+        "manidp tuning-table --runs {params.runs} --out {output.csv} > {log} 2>&1"
 
 
 rule dataset_all:

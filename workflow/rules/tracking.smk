@@ -50,6 +50,8 @@ rule tracking_summary:
         table="results/{dataset}_table.csv",
         table_md="results/{dataset}_table.md",
         table_tex="results/{dataset}_table.tex",
+        table_full="results/{dataset}_table_full.md",
+        table_html="results/{dataset}_table.html",
         per_seed="results/{dataset}_per_seed.csv",
         pareto="results/{dataset}_pareto.png",
         difficulty="results/{dataset}_macs_vs_difficulty.png",
@@ -71,5 +73,6 @@ rule tracking_summary:
         profiles=lambda wc: " ".join(profiles(wc.dataset)),
     shell:
         "manidp tracking-summary {resources.tracking} --dataset {wildcards.dataset} --runs {params.runs} "
-        "--profiles {params.profiles} --artifact {input.table} {input.table_md} {input.table_tex} "
+        "--profiles {params.profiles} --artifact {input.table} {input.table_md} {input.table_tex} {input.table_full} "
+        "{input.table_html} "
         "{input.per_seed} {input.pareto} {input.difficulty} {input.speedup} --out {output} > {log} 2>&1"
