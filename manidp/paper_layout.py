@@ -110,6 +110,18 @@ def to_paper_markdown(table: pd.DataFrame, profiles: list[str], full_name: str) 
     return "\n\n".join([text, *lines, "\n".join(f"- {n}" for n in notes)]).rstrip() + "\n"
 
 
+def _two_rows(column: str) -> tuple[str, str]:
+    """A column's two header rows in LaTeX, as the paper prints them: a group over short names."""
+    for group in ("Top-1", "Top-5"):
+        if column.startswith(group):
+            return f"{group} err. (%)", column.removeprefix(group).strip().removesuffix(" (%)")
+    if column.startswith("Speed-up "):
+        return "Speed-up", column.removeprefix("Speed-up ")
+    if column == "MACs red. (%)":
+        return "MACs", "red. (%)"
+    return "", column
+
+
 def to_paper_latex(table: pd.DataFrame, profiles: list[str], dataset: str, full_name: str) -> str:
     """A ``table*`` with booktabs rules (pandas ``Styler.to_latex``) that compiles as it is."""
     shown, reported = paper_layout(table, profiles)
@@ -117,20 +129,24 @@ def to_paper_latex(table: pd.DataFrame, profiles: list[str], dataset: str, full_
     def math_symbols(cell: str) -> str:  # cells arrive escaped by pandas
         return cell.replace("±", r"$\pm$").replace(_DASH, "--")
 
+    align = "".join("l" if c in _TEXT else "r" for c in shown.columns)
+    # Short cells where the page is narrow: "T1" for the paper's Table 1 (the caption says so).
+    shown["Source"] = shown["Source"].str.replace(r"^reported \(Table (\d+)\)$", r"T\1", regex=True)
+    shown = shown.rename(columns={"Dynamic": "Dyn."})
+    shown = shown.set_axis(pd.MultiIndex.from_tuples([_two_rows(c) for c in shown.columns]), axis=1)
     styler = (shown.style.hide(axis="index").format(math_symbols, escape="latex")
               .format_index(escape="latex", axis=1)
               .apply(lambda row: ["textit:--rwrap;" if reported[row.name] else ""] * len(row), axis=1))
-    tabular = styler.to_latex(hrules=True, column_format="".join(
-        "l" if c in _TEXT else "r" for c in shown.columns))
+    tabular = styler.to_latex(hrules=True, column_format=align, multicol_align="c")
     notes = pd.DataFrame({"Notes": [line for part in _notes(table, profiles, full_name) for line in part]})
     notes_tabular = (notes.style.hide(axis="index").hide(axis="columns").format(math_symbols, escape="latex")
                      .to_latex(column_format="p{0.95\\textwidth}"))
     return "\n".join([r"% Needs \usepackage{booktabs}. Written by manidp table from the run folders.",
-                      r"\begin{table*}[t]", r"\centering", r"\scriptsize", r"\setlength{\tabcolsep}{3pt}",
+                      r"\begin{table*}[t]", r"\centering", r"\scriptsize", r"\setlength{\tabcolsep}{2.5pt}",
                       tabular.rstrip(), r"\par", notes_tabular.rstrip(),
                       rf"\caption{{\detokenize{{{dataset}}}: top-1/top-5 error of the baseline and the pruned "
                       r"model, their gap and the MACs reduction, as in the paper's Tables 1 and 4; ours as mean "
-                      r"$\pm$ std over seeds, the paper's reported rows marked as such.}",
+                      r"$\pm$ std over seeds; rows in italics are the paper's, as reported in its Table 1 (T1) or 4 (T4).}",
                       rf"\label{{tab:{re.sub('[^A-Za-z0-9]', '', dataset)}}}", r"\end{table*}"]) + "\n"
 
 

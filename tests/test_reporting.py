@@ -531,4 +531,4 @@ def test_paper_layout_latex_compiles(imagenet_table, tmp_path):
     done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
-    assert "Overfull \\hbox" not in done.stdout or "table" not in done.stdout.split("Overfull")[1][:200]
+    assert "Overfull \\hbox" not in done.stdout  # fits a two-column page's width
