@@ -200,8 +200,9 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
     ``nchw``: NCHW activations instead of the dense reference's format;
     ``no_dispatch``: every block gathered, nothing compiled; ``aten_ops``: no
     compiled ops (:mod:`manidp.kernels`: gate, scale + pool, residual + ReLU
-    as ATen ops); ``kept_padding_16``: kept sets padded to oneDNN's SIMD block
-    (16 channels) with zero-mask channels, so convolution shapes recur;
+    as ATen ops); ``no_kept_padding``: kept sets not padded to oneDNN's SIMD
+    block (every new kept count a new convolution shape, a new oneDNN
+    primitive);
     ``channels_last_reorder``: slices reordered into oneDNN's layout from an
     input-channels-last copy rather than from OIHW (what a cache miss pays).
     Each is planned and warmed on ``plan_inputs`` and its slice cache
@@ -249,7 +250,7 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
               "eager_gates": variant("eager_gates", eager_gates=True), "aten_ops": variant("aten_ops", compiled=False),
               "nchw": variant("nchw", memory_format="contiguous" if fmt == "channels_last" else "channels_last"),
               "no_dispatch": variant("no_dispatch", dispatch=False),
-              "kept_padding_16": variant("kept_padding_16", kept_block=16),
+              "no_kept_padding": variant("no_kept_padding", kept_block=1),
               "channels_last_reorder": variant("channels_last_reorder", reorder_channels_last=True)}
     times = measure_latency(models, inputs, args.warmup, args.repeats, args.clock, restore)
     medians = {name: spread(t)["median"] for name, t in times.items()}

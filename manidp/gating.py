@@ -425,6 +425,11 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], s
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+def _simd_block() -> int:
+    """Channels per SIMD block of oneDNN's fp32 CPU kernels on this CPU: 16 with AVX-512, else 8."""
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
 #: Whether :class:`_SlicedConv` reorders weights from an input-channels-last copy (an ablation; default OIHW).
 _REORDER_FROM_CHANNELS_LAST = False
 
@@ -615,7 +620,7 @@ class _Deployed(nn.Module):
         self.cache = SliceCache(int(DEFAULT_SLICE_CACHE_MB * 2 ** 20))
         self.recorded: Optional[list] = None  # masks of dense calls, while a plan counts kept channels
         self.use_kernels = True  # the compiled ops where they run (False: ATen only, to compare)
-        self.kept_block = 1  # kept sets padded to a multiple of this (:meth:`_kept`; 1: not padded)
+        self.kept_block = _simd_block()  # kept sets padded to a multiple of this (:meth:`_kept`; 1: not padded)
         self.full = _PackedConvs()  # the dense path's convolutions and the shortcut, prepacked per input shape
 
     def _set_gates(self, *gates: ChannelGate) -> None:
@@ -706,14 +711,15 @@ class _Deployed(nn.Module):
     def _kept(self, mask: torch.Tensor) -> tuple[torch.Tensor, bytes]:
         """Kept channels of a batch-1 mask: (index tensor, cache key), the index cached per set.
 
-        With :attr:`kept_block` > 1 the set is padded with the lowest-numbered
-        skipped channels up to a multiple of it (their mask entries are 0:
-        computed and multiplied by zero, the output is unchanged), so that
-        convolution shapes recur across instances whose kept counts differ and
-        oneDNN reuses its primitives. Off by default: oneDNN's primitive cache
-        already holds the shapes a workload repeats, and the benchmark's
-        ``kept_padding_16`` ablation row measured no gain (benchmarks/README).
-        An empty set keeps channel 0 (PyTorch refuses zero-size convolutions).
+        The set is padded with the lowest-numbered skipped channels up to a
+        multiple of :attr:`kept_block` (oneDNN's SIMD channel block; their mask
+        entries are 0: computed and multiplied by zero, the output is
+        unchanged). oneDNN pads channels to that block anyway, so the padding
+        costs next to nothing, and a conv then has at most (C / block)^2
+        shapes: instances never seen before reuse oneDNN's compiled primitives
+        instead of creating one per new kept count (benchmarks/README,
+        ``unseen_instances.py``). An empty set keeps channel 0 (PyTorch
+        refuses zero-size convolutions).
         """
         alive = mask[0] != 0
         block = getattr(self, "kept_block", 1)  # deployed before padding existed: unpadded
