@@ -69,7 +69,8 @@ What the machinery gives a method (the API FBS and ManiDP share):
   :class:`_Deployed` block with BN folded and two paths: *gathered* (CPU,
   batch 1: the convolutions run on the kept channels only, their BN-folded
   weight slices taken from a bounded LRU :class:`SliceCache` keyed by kept
-  set and prepacked for oneDNN) and *dense-then-mask* (full-width folded
+  set and prepacked for oneDNN; kept sets padded with zero-mask channels to
+  oneDNN's SIMD block, so convolution shapes recur) and *dense-then-mask* (full-width folded
   convolutions times the masks: static shapes, no host synchronisation, so
   CUDA and batches > 1 run it). On the CPU a gate that offers
   ``kernel_spec()`` (a :class:`GateKernel`) runs as one compiled op
@@ -80,7 +81,9 @@ What the machinery gives a method (the API FBS and ManiDP share):
   input. Gate 2 of a gathered block reads the pool of conv1's kept outputs,
   scattered into a C-long vector only.
 * ``plan_deployment(deployed, inputs)``: per block, time both paths on the
-  running hardware and keep the faster (the plan is returned, to record).
+  running hardware and keep the faster (the plan is returned, to record);
+  the gathered path is timed leave-one-out, each instance on a slice cache
+  warmed by the other instances only, as an instance in use meets it.
 * ``compile_deployed(deployed, example)``: freeze what is static (the whole
   model when every block runs dense, else the dense-path blocks).
 * ``fold_batchnorm(model)``, ``trace_and_freeze(module, example)``: the same
