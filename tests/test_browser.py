@@ -148,20 +148,20 @@ def test_documented_url_shows_the_runs_table_with_method_first_names(project, pa
     page.goto(f"{address}/#/experiments/1/runs")  # the URL README and results/README give
     page.wait_for_selector(f"text={PARENT}")
     assert "/#/experiments/1/runs" in page.url  # not redirected to the GenAI overview
-    assert page.get_by_role("heading", name="Training runs").is_visible()
+    page.get_by_role("heading", name="Training runs").wait_for()  # wait_for: until visible, else it fails
     page.screenshot(path=screenshots / "1_runs_table.png")
     # The children sit under their parent row until its expander is clicked.
     parent_row = page.locator("[role=row]", has_text=PARENT)
     parent_row.locator("[col-id*='Run Name'] button").click()
     for name in (METHOD, DENSE):
-        assert page.get_by_role("link", name=name, exact=True).is_visible()
+        page.get_by_role("link", name=name, exact=True).wait_for()
     page.screenshot(path=screenshots / "2_runs_expanded.png")
     # The README's way to compare methods at one budget: a search on tags.budget.
     search = page.get_by_test_id("search-box")
     search.fill("tags.budget = '0.5'")
     search.press("Enter")
     page.get_by_role("link", name=DENSE, exact=True).wait_for(state="detached")
-    assert page.get_by_role("link", name=METHOD, exact=True).is_visible()
+    page.get_by_role("link", name=METHOD, exact=True).wait_for()
     page.screenshot(path=screenshots / "3_runs_at_budget.png")
 
 
@@ -171,8 +171,9 @@ def test_run_page_lists_its_datasets_and_logged_model(project, page, screenshots
     page.wait_for_selector(f"text={PARENT}")
     page.locator("[role=row]", has_text=PARENT).locator("[col-id*='Run Name'] button").click()
     page.get_by_role("link", name=METHOD, exact=True).click()
-    page.wait_for_selector("text=digits-c/train")
-    assert page.get_by_role("heading", name=METHOD).is_visible()
+    page.get_by_role("heading", name=METHOD).wait_for()  # the run's page (the table also shows digits-c/train)
+    page.get_by_text("About this run").wait_for()
+    page.get_by_text("digits-c/train").first.wait_for()
     page.get_by_role("link", name=PARENT).wait_for()  # the parent run's name arrives after the run's own data
     about = page.inner_text("body")
     for text in ("Parent run", PARENT, "Source", "manidp train", "Datasets", "digits-c/train", "Training"):
@@ -185,12 +186,11 @@ def test_run_page_lists_its_datasets_and_logged_model(project, page, screenshots
     page.keyboard.press("Escape")
     models = page.get_by_text("Logged models (1)")
     models.scroll_into_view_if_needed()
-    assert models.is_visible()
     page.screenshot(path=screenshots / "5_run_logged_model.png")
     # Open the run's model: the logged model's page names the run it came from.
     page.locator("a[href*='/models/m-']:not([target=_blank])", has_text="model").click()  # not a metric's link
     page.wait_for_selector("text=About this logged model")
-    assert page.get_by_role("link", name=METHOD, exact=True).first.is_visible()
+    page.get_by_role("link", name=METHOD, exact=True).first.wait_for()
     page.screenshot(path=screenshots / "6_logged_model.png")
 
 
