@@ -161,7 +161,9 @@ def to_paper_html(table: pd.DataFrame, profiles: list[str], dataset: str, full_n
                            "their gap and the MACs reduction, as in the paper's Tables 1 and 4")
               .apply(lambda row: ["font-style: italic; color: #555" if reported[row.name] else ""] * len(row),
                      axis=1)
-              .set_table_styles([{"selector": "th, td", "props": "padding: 2px 8px; text-align: right"},
+              .set_properties(subset=[c for c in shown.columns if c in _TEXT], **{"text-align": "left"})
+              .set_table_styles([{"selector": "th, td", "props": "padding: 2px 8px"},
+                                 {"selector": "td", "props": "text-align: right"},
                                  {"selector": "caption", "props": "caption-side: top; font-weight: bold"}]))
     lines, notes = _notes(table, profiles, full_name)
     body = "".join(f"<p>{html.escape(line)}</p>" for line in lines)

@@ -61,16 +61,15 @@ RESULT_TAG = "manidp.result_id"
 RUN_DIR_TAG = "run_dir"
 #: How to read the experiment, shown on its page in the UI (``mlflow.note.content``).
 EXPERIMENT_NOTE = """\
-One run per result (a method at a MACs budget and seed), grouped under a parent run per backbone
-(`dataset / backbone`); the summary run holds the tables and plots.
-
-**Compare the methods at one budget:** open the *Runs* tab, type `tags.budget = '0.55'` in the search
-box, group by `tags.method` (Group by > Tags > method), and add the columns `test_top1`, `test_top5`,
+**Compare the methods at one budget:** type `tags.budget = '0.55'` in the search box of the runs table,
+group by `tags.method` (Group by > Tags > method), and add the columns `test_top1`, `test_top5`,
 `macs_reduction`, `macs` and, where measured, `speedup_cpu-2t` (Columns > Metrics). Dense runs carry
 `tags.budget = 'None'`.
 
-Each run page lists its model (Logged models) and the dataset splits it used (Datasets). The numbers are
-mirrored from the run folders (`metrics.json`), which stay the source of truth."""
+One run per result (a method at a MACs budget and seed), listed under a parent run per backbone
+(`dataset / backbone`): click the + beside the parent to see its runs. The summary run holds the tables
+and plots. Each run page lists its model (Logged models) and the dataset splits it used (Datasets). The
+numbers are mirrored from the run folders (`metrics.json`), which stay the source of truth."""
 #: The model-training kind, and the note above.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development", "mlflow.note.content": EXPERIMENT_NOTE}
 #: Final values that describe a run rather than measure it: logged once as params, not as one-point charts.
