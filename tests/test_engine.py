@@ -61,8 +61,9 @@ def _train_command(out: Path, cache: Path, epochs: int) -> list[str]:
 def test_killed_run_resumes_from_checkpoint_and_continues_its_mlflow_run(tmp_path, data_cache):
     subprocess.run(manidp_cli("tracking", "init", "--uri", f"sqlite:///{tmp_path / 'mlflow.db'}"), check=True)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(_train_command(reference, data_cache, 3), check=True, capture_output=True)
-
+    # The uninterrupted reference trains beside the run that gets killed (one thread each).
+    beside = subprocess.Popen(_train_command(reference, data_cache, 3), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
     proc = subprocess.Popen(_train_command(killed, data_cache, 3), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
@@ -70,6 +71,7 @@ def test_killed_run_resumes_from_checkpoint_and_continues_its_mlflow_run(tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "metrics.json").exists(), "killed before the end"
+    assert beside.wait(timeout=300) == 0, beside.stderr.read()[-3000:]
     run_id = json.loads((killed / "tracking.json").read_text())["run_id"]
 
     result = subprocess.run(_train_command(killed, data_cache, 3), capture_output=True, text=True, check=True)

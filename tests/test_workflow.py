@@ -3,7 +3,7 @@
 Every test drives the real ``snakemake`` command in a temporary working
 directory. The tiny run (.test/config.yaml) trains for real: a dense model and
 one method on a few hundred digits-c images. It is killed once during the
-dense training and resumed, then the tests inspect what it produced.
+method's fine-tune and resumed, then the tests inspect what it produced.
 
 Two things keep the module within a few minutes on 2 cores: the dry runs and
 parse-time failures start together (each mostly imports torch), and the Slurm
@@ -12,11 +12,14 @@ status polling overlap the local tests.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,8 +36,8 @@ DEFAULT_CONFIG = ROOT / "config" / "config.yaml"
 # The tiny configuration CI runs: `snakemake --cores 2 --directory .test`.
 TINY_CONFIG = ROOT / ".test" / "config" / "config.yaml"
 SLURM_PROFILE = ROOT / "workflow" / "profiles" / "slurm"
-TINY_DENSE = "runs/digits-c/cifar_resnet20/dense/seed0"
 TINY_METHOD = "runs/digits-c/cifar_resnet20/l1-b0.4/seed0"
+TINY_FINETUNE_EPOCHS = 6  # enough that the kill lands between the first checkpoint and the end
 
 # The default plan (digits-c): 6 methods x 2 budgets x 3 seeds, one cpu profile; no ablations, no sweep.
 # Latency: one job per seed and profile times the seed's 12 method runs.
@@ -251,50 +254,75 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> No
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, cache_env) -> Path:
-    """The tiny workflow, killed hard during its dense training, then resumed to the end.
+    """The tiny workflow, killed hard during the method's fine-tune, then resumed to the end.
 
-    The dense model trains 6 epochs here so that the first epoch's checkpoint
-    exists while the job is still running. The config sits where the workflow
-    reads it (config/config.yaml in the working directory, as with
-    `--directory .test`) and holds a cifar10 section that nothing asks for.
+    The fine-tune runs 6 epochs here so that its first epoch's checkpoint (and
+    its open MLflow run) exist while the job still runs; the whole process
+    group gets SIGKILL then, as a crash, a preemption or an impatient user
+    would give it. The config sits where the workflow reads it
+    (config/config.yaml in the working directory, as with `--directory .test`),
+    writes the fine-tune's learning rate as ``1.25e-2`` (a float in YAML 1.2,
+    which the schema check and the training command must both read so), and
+    holds a cifar10 section that nothing asks for.
     """
     workdir = tmp_path_factory.mktemp("tiny")
     config = yaml.safe_load(TINY_CONFIG.read_text())
-    config["datasets"]["digits-c"]["dense"]["train"]["epochs"] = 6
+    config["datasets"]["digits-c"]["finetune"]["train"].update(epochs=TINY_FINETUNE_EPOCHS, lr=0.0125)
     config["datasets"]["cifar10"] = {**yaml.safe_load(DEFAULT_CONFIG.read_text())["datasets"]["cifar10"],
                                      "hardware_profiles": ["cpu-1t"]}
+    text = yaml.safe_dump(config)
+    assert text.count("lr: 0.0125") == 1
     (workdir / "config").mkdir()
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-    args = []
+    (workdir / "config" / "config.yaml").write_text(text.replace("lr: 0.0125", "lr: 1.25e-2"))
 
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
-               "--cores", "2", *args]
+               "--cores", "2"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cache_env,
                              cwd=workdir, start_new_session=True)
-    _wait_for(workdir / TINY_DENSE / "checkpoint.pt", first)
-    # As a crash or a preemption would: SIGKILL, no chance to clean up.
-    for process in [*psutil.Process(first.pid).children(recursive=True), psutil.Process(first.pid)]:
-        process.kill()
+    _wait_for(workdir / TINY_METHOD / "checkpoint.pt", first)
+    (workdir / "killed_run.txt").write_text(json.loads((workdir / TINY_METHOD / "tracking.json").read_text())["run_id"])
+    descendants = psutil.Process(first.pid).children(recursive=True)
+    os.killpg(first.pid, signal.SIGKILL)
+    for process in descendants:  # and any job that left the group
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
     first.wait(timeout=60)
-    assert not (workdir / TINY_DENSE / "metrics.json").exists(), "the dense job finished before it was killed"
+    assert not (workdir / TINY_METHOD / "metrics.json").exists(), "the fine-tune finished before it was killed"
 
     # What a user does after a crash: release the dead run's lock, run the same command again.
-    snakemake(workdir, "--unlock", *args, env=cache_env)
-    result = snakemake(workdir, *args, env=cache_env)
+    snakemake(workdir, "--unlock", env=cache_env)
+    result = snakemake(workdir, env=cache_env)
     (workdir / "snakemake.out").write_text(result.stdout + result.stderr)
     return workdir
 
 
 def test_killed_run_resumed_from_its_checkpoint(tiny_run):
-    log = (tiny_run / "results/logs/digits-c/cifar_resnet20/dense/seed0/train.log").read_text()
-    assert re.search(r"resuming after epoch [1-5]/6", log), log[-2000:]
-    history = (tiny_run / TINY_DENSE / "history.jsonl").read_text().splitlines()
-    assert len(history) == 6
+    log = (tiny_run / "results/logs/digits-c/cifar_resnet20/l1-b0.4/seed0/train.log").read_text()
+    assert re.search(rf"resuming after epoch [1-{TINY_FINETUNE_EPOCHS - 1}]/{TINY_FINETUNE_EPOCHS}", log), log[-2000:]
+    history = (tiny_run / TINY_METHOD / "history.jsonl").read_text().splitlines()
+    assert len(history) == TINY_FINETUNE_EPOCHS
     # A finished run drops its checkpoint: a later re-run must not resume stale state.
-    assert not (tiny_run / TINY_DENSE / "checkpoint.pt").exists()
+    assert not (tiny_run / TINY_METHOD / "checkpoint.pt").exists()
 
 
-def _check_table(workdir: Path) -> None:
+def test_killed_workflow_leaves_one_finished_run_per_result(tiny_run):
+    """Every result identity (dataset, backbone, method, budget, seed, config hash) has exactly one FINISHED
+    MLflow run after the kill and the re-run: the killed fine-tune's run went on, nothing is left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tiny_run / 'results' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("digits-c").experiment_id])
+    by_identity = collections.Counter(r.data.tags["manidp.identity"] for r in runs if "manidp.identity" in r.data.tags)
+    assert sorted(key.split("/")[2] for key in by_identity) == ["dense", "l1"], by_identity
+    assert set(by_identity.values()) == {1}, by_identity
+    assert {r.info.status for r in runs} == {"FINISHED"}, [(r.data.tags, r.info.status) for r in runs]
+    (method,) = [r for r in runs if r.data.tags.get("method") == "l1"]
+    assert method.info.run_id == (tiny_run / "killed_run.txt").read_text()
+    assert method.data.params["train.lr"] == "0.0125" and "test_top1" in method.data.metrics
+    assert not list((tiny_run / "runs").rglob("tracking_pending.json"))
+
+
+def _check_table(workdir: Path, epochs: int = 1) -> None:
     table = pd.read_csv(workdir / "results/digits-c_table.csv")
     assert table["method"].tolist() == ["dense", "l1"]
     assert table["dynamic"].tolist() == ["dense", "static"]
@@ -303,8 +331,8 @@ def _check_table(workdir: Path) -> None:
     for column in ("backbone", "top1_err", "top1_err_std", "top5_err", "top1_gap", "top5_gap", "macs_m",
                    "macs_reduction_pct", "macs_reduction_pct_std", "notes", "paper_reference"):
         assert column in table.columns
-    # The table states the training budget: the method row fine-tuned finetune.train.epochs (1 here).
-    assert table.loc[1, "epochs"] == 1 and table.loc[1, "optimizer_steps"] > 0
+    # The table states the training budget: the method row fine-tuned finetune.train.epochs.
+    assert table.loc[1, "epochs"] == epochs and table.loc[1, "optimizer_steps"] > 0
     assert table.loc[0, "top1_gap"] == 0 and table.loc[0, "macs_reduction_pct"] == 0
     assert abs(table.loc[1, "macs_reduction_pct"] - 40) <= 1
     assert table.loc[0, "speedup_cpu-1t"] == 1 and table.loc[1, "speedup_cpu-1t"] > 0
@@ -317,7 +345,7 @@ def _check_table(workdir: Path) -> None:
 
 
 def test_tiny_run_table(tiny_run):
-    _check_table(tiny_run)
+    _check_table(tiny_run, TINY_FINETUNE_EPOCHS)
 
 
 def test_tiny_run_per_seed_table(tiny_run):
@@ -366,19 +394,17 @@ def test_rerunning_finished_workflow_does_nothing(tiny_run, cache_env):
 
 
 def test_deleting_a_checkpoint_reruns_only_its_dependents(tiny_run, cache_env):
-    """The method's checkpoint goes: it is retrained and measured again, and the dense run is left alone."""
-    args = []
-    dense_model = tiny_run / TINY_DENSE / "model.pt"
-    dense_mtime = dense_model.stat().st_mtime
-    (tiny_run / TINY_METHOD / "model.pt").unlink()
-    result = snakemake(tiny_run, "-n", *args, env=cache_env)
-    plan = job_counts(result.stdout)
+    """Without the method's model, the plan retrains it and redoes what depends on it, and only that:
+    the dense run is left alone. (The plan is checked; Snakemake runs what it plans.)"""
+    model = tiny_run / TINY_METHOD / "model.pt"
+    aside = model.with_name("model.pt.aside")
+    os.replace(model, aside)
+    try:
+        plan = job_counts(snakemake(tiny_run, "-n", env=cache_env).stdout)
+    finally:
+        os.replace(aside, model)  # rename keeps its time stamp: the finished workflow stays finished
     assert plan == {"train_method": 1, "latency": 1, "table": 1, "plot": 1, "tracking_summary": 1, "dataset_all": 1,
                     "all": 1}
-    snakemake(tiny_run, *args, env=cache_env)
-    assert (tiny_run / TINY_METHOD / "model.pt").is_file()
-    assert dense_model.stat().st_mtime == dense_mtime
-    _check_table(tiny_run)
 
 
 def test_an_unavailable_latency_is_measured_when_the_device_appears(tiny_run, cache_env, tmp_path):
