@@ -492,7 +492,7 @@ def imagenet_table(tmp_path):
 
 
 def test_paper_layout_follows_the_papers_columns(digits_runs, tmp_path):
-    from manidp.paper_layout import MAX_COLUMNS
+    from manidp.reporting.paper_layout import MAX_COLUMNS
 
     runs = reporting.load_runs(digits_runs, ["cpu-2t"])
     paths = reporting.write_table(reporting.build_table(runs, ["cpu-2t"]), tmp_path / "digits-c_table.csv",
@@ -510,11 +510,11 @@ def test_paper_layout_follows_the_papers_columns(digits_runs, tmp_path):
 
 
 def test_paper_layout_lists_the_reported_rows_in_the_papers_order(imagenet_table):
-    from manidp.paper_layout import paper_layout
+    from manidp.reporting.paper_layout import paper_layout
 
     shown, reported = paper_layout(imagenet_table, [])
     paper = shown[reported]
-    order = pd.read_csv(Path(reporting.__file__).parent / "reference" / "paper_tables.csv")
+    order = pd.read_csv(Path(reporting.__file__).parents[1] / "reference" / "paper_tables.csv")
     expected = order[(order["dataset"] == "imagenet") & (order["backbone"] == "resnet18")
                      & (order["method"] != "Baseline")]["method"].tolist()
     assert paper["Method"].tolist() == expected
@@ -523,7 +523,7 @@ def test_paper_layout_lists_the_reported_rows_in_the_papers_order(imagenet_table
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no TeX installation (pdflatex) on this machine")
 def test_paper_layout_latex_compiles(imagenet_table, tmp_path):
-    from manidp.paper_layout import to_paper_latex
+    from manidp.reporting.paper_layout import to_paper_latex
 
     (tmp_path / "table.tex").write_text(to_paper_latex(imagenet_table, [], "imagenet", "imagenet_table_full.md"))
     (tmp_path / "doc.tex").write_text("\\documentclass[twocolumn]{article}\n\\usepackage{booktabs}\n"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from manidp.cli._command import Command
 from manidp.errors import UserError
-from manidp.reporting import (PAPER_TOLERANCE_PCT, _is_number, build_table, find_profiles, load_runs,
+from manidp.reporting import (PAPER_TOLERANCE_PCT, build_table, find_profiles, is_number as _is_number, load_runs,
                               plot_macs_vs_difficulty, plot_pareto, plot_speedup, tuning_table, write_per_seed,
                               write_table)
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
-import pandas as pd
+from manidp.reporting.cells import DASH, budget_statement, fmt
+from manidp.reporting.paper import reported_rows
 
-from manidp.reporting import _DASH, _budget_statement, _fmt, reported_rows
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["paper_layout", "to_paper_markdown", "to_paper_latex", "to_paper_html", "MAX_COLUMNS"]
 
@@ -26,16 +29,20 @@ _TEXT = {"Backbone", "Method", "Dynamic", "Source"}
 
 
 def _dynamic(kind: str) -> str:
-    return {"dynamic": "yes", "static": "no"}.get(kind, _DASH)
+    return {"dynamic": "yes", "static": "no"}.get(kind, DASH)
 
 
-def _mean(rows: pd.DataFrame, column: str) -> float:
+def _mean(rows: "pd.DataFrame", column: str) -> float:
+    import pandas as pd
+
     values = pd.to_numeric(rows[column], errors="coerce").dropna()
     return float(values.mean()) if len(values) else math.nan
 
 
-def paper_layout(table: pd.DataFrame, profiles: list[str]) -> tuple[pd.DataFrame, list[bool]]:
+def paper_layout(table: "pd.DataFrame", profiles: list[str]) -> tuple["pd.DataFrame", list[bool]]:
     """(one string per cell in the paper's columns, which rows are the paper's reported ones)."""
+    import pandas as pd
+
     shown, reported = [], []
     dataset = table["dataset"].dropna().iloc[0]
     for backbone in table["backbone"].unique():
@@ -44,15 +51,15 @@ def paper_layout(table: pd.DataFrame, profiles: list[str]) -> tuple[pd.DataFrame
         base1, base5 = _mean(dense, "top1_err"), _mean(dense, "top5_err")
         for _, r in ours[ours["budget_pct"].notna()].iterrows():
             cells = {"Backbone": backbone, "Method": r["method"], "Dynamic": _dynamic(r["dynamic"]),
-                     "Top-1 base (%)": _fmt(base1), "Top-1 pruned (%)": _fmt(r["top1_err"], r["top1_err_std"]),
-                     "Top-1 gap": _fmt(r["top1_gap"], r["top1_gap_std"]),
-                     "Top-5 base (%)": _fmt(base5), "Top-5 pruned (%)": _fmt(r["top5_err"], r["top5_err_std"]),
-                     "Top-5 gap": _fmt(r["top5_gap"], r["top5_gap_std"]),
-                     "MACs red. (%)": _fmt(r["macs_reduction_pct"], r["macs_reduction_pct_std"], 1)}
+                     "Top-1 base (%)": fmt(base1), "Top-1 pruned (%)": fmt(r["top1_err"], r["top1_err_std"]),
+                     "Top-1 gap": fmt(r["top1_gap"], r["top1_gap_std"]),
+                     "Top-5 base (%)": fmt(base5), "Top-5 pruned (%)": fmt(r["top5_err"], r["top5_err_std"]),
+                     "Top-5 gap": fmt(r["top5_gap"], r["top5_gap_std"]),
+                     "MACs red. (%)": fmt(r["macs_reduction_pct"], r["macs_reduction_pct_std"], 1)}
             for p in profiles:
-                value = _fmt(r.get(f"speedup_{p}"), r.get(f"speedup_{p}_std"))
+                value = fmt(r.get(f"speedup_{p}"), r.get(f"speedup_{p}_std"))
                 status = r.get(f"latency_status_{p}")
-                cells[f"Speed-up {p}"] = status if value == _DASH and isinstance(status, str) else value
+                cells[f"Speed-up {p}"] = status if value == DASH and isinstance(status, str) else value
             cells["Source"] = "ours"
             shown.append(cells)
             reported.append(False)
@@ -60,12 +67,12 @@ def paper_layout(table: pd.DataFrame, profiles: list[str]) -> tuple[pd.DataFrame
             if r["paper_dynamic"] == "dense":  # the baseline is a column here, not a row
                 continue
             cells = {"Backbone": backbone, "Method": r["paper_method"], "Dynamic": _dynamic(r["paper_dynamic"]),
-                     "Top-1 base (%)": _fmt(r["paper_top1_err"] - r["paper_top1_drop"]),
-                     "Top-1 pruned (%)": _fmt(r["paper_top1_err"]), "Top-1 gap": _fmt(r["paper_top1_drop"]),
-                     "Top-5 base (%)": _fmt(r["paper_top5_err"] - r["paper_top5_drop"]),
-                     "Top-5 pruned (%)": _fmt(r["paper_top5_err"]), "Top-5 gap": _fmt(r["paper_top5_drop"]),
-                     "MACs red. (%)": _fmt(r["paper_macs_reduction_pct"], digits=1),
-                     **{f"Speed-up {p}": _DASH for p in profiles},
+                     "Top-1 base (%)": fmt(r["paper_top1_err"] - r["paper_top1_drop"]),
+                     "Top-1 pruned (%)": fmt(r["paper_top1_err"]), "Top-1 gap": fmt(r["paper_top1_drop"]),
+                     "Top-5 base (%)": fmt(r["paper_top5_err"] - r["paper_top5_drop"]),
+                     "Top-5 pruned (%)": fmt(r["paper_top5_err"]), "Top-5 gap": fmt(r["paper_top5_drop"]),
+                     "MACs red. (%)": fmt(r["paper_macs_reduction_pct"], digits=1),
+                     **{f"Speed-up {p}": DASH for p in profiles},
                      "Source": f"reported ({r['paper_reference'].removeprefix('paper ')})"}
             shown.append(cells)
             reported.append(True)
@@ -76,14 +83,14 @@ def paper_layout(table: pd.DataFrame, profiles: list[str]) -> tuple[pd.DataFrame
     return frame, reported
 
 
-def _notes(table: pd.DataFrame, profiles: list[str], full_name: str) -> tuple[list[str], list[str]]:
+def _notes(table: "pd.DataFrame", profiles: list[str], full_name: str) -> tuple[list[str], list[str]]:
     """(what every row's numbers mean, the notes on single rows)."""
     ours = table[table["source"] == "ours"]
     seeds = sorted({int(n) for n in ours["n_seeds"].dropna()})
     lines = [f"Ours: mean ± standard deviation over {'/'.join(map(str, seeds)) or 'no'} seed(s); the baseline is "
              "our dense model of the same backbone (mean over seeds); a gap is the pruned model's error minus the "
              "dense model's of the same seed (percentage points, positive = worse); MACs reduction per instance, "
-             "averaged over the test set (the paper's FLOPs).", _budget_statement(table)]
+             "averaged over the test set (the paper's FLOPs).", budget_statement(table)]
     if profiles:
         lines.append("Speed-up: dense time / deployed time at batch 1, timed side by side in one process against "
                      "an optimized dense reference; the regime of each (static or per-instance kept sets, slice "
@@ -100,10 +107,10 @@ def _notes(table: pd.DataFrame, profiles: list[str], full_name: str) -> tuple[li
     return lines, sorted(set(notes), key=notes.index)
 
 
-def to_paper_markdown(table: pd.DataFrame, profiles: list[str], full_name: str) -> str:
+def to_paper_markdown(table: "pd.DataFrame", profiles: list[str], full_name: str) -> str:
     shown, reported = paper_layout(table, profiles)
     shown = shown.copy()
-    shown[reported] = shown[reported].apply(lambda column: column.map(lambda c: c if c == _DASH else f"*{c}*"))
+    shown[reported] = shown[reported].apply(lambda column: column.map(lambda c: c if c == DASH else f"*{c}*"))
     text = shown.to_markdown(index=False, disable_numparse=True,
                              colalign=["left" if c in _TEXT else "right" for c in shown.columns])
     lines, notes = _notes(table, profiles, full_name)
@@ -122,12 +129,14 @@ def _two_rows(column: str) -> tuple[str, str]:
     return "", column
 
 
-def to_paper_latex(table: pd.DataFrame, profiles: list[str], dataset: str, full_name: str) -> str:
+def to_paper_latex(table: "pd.DataFrame", profiles: list[str], dataset: str, full_name: str) -> str:
     """A ``table*`` with booktabs rules (pandas ``Styler.to_latex``) that compiles as it is."""
+    import pandas as pd
+
     shown, reported = paper_layout(table, profiles)
 
     def math_symbols(cell: str) -> str:  # cells arrive escaped by pandas
-        return cell.replace("±", r"$\pm$").replace(_DASH, "--")
+        return cell.replace("±", r"$\pm$").replace(DASH, "--")
 
     align = "".join("l" if c in _TEXT else "r" for c in shown.columns)
     # Short cells where the page is narrow: "T1" for the paper's Table 1 (the caption says so).
@@ -150,7 +159,7 @@ def to_paper_latex(table: pd.DataFrame, profiles: list[str], dataset: str, full_
                       rf"\label{{tab:{re.sub('[^A-Za-z0-9]', '', dataset)}}}", r"\end{table*}"]) + "\n"
 
 
-def to_paper_html(table: pd.DataFrame, profiles: list[str], dataset: str, full_name: str) -> str:
+def to_paper_html(table: "pd.DataFrame", profiles: list[str], dataset: str, full_name: str) -> str:
     """A standalone HTML page of the table (pandas ``Styler.to_html``), readable where Snakemake's report
     shows it inline (a CSV there only downloads)."""
     import html
