@@ -1,9 +1,12 @@
 """The Snakemake workflow: plans, parse-time errors, a tiny end-to-end run, Slurm.
 
-Every test drives the real ``snakemake`` command in a temporary working
-directory. The tiny run (.test/config.yaml) trains for real: a dense model and
-one method on a few hundred digits-c images. It is killed once during the
-method's fine-tune and resumed, then the tests inspect what it produced.
+The tests drive the real ``snakemake`` command in a temporary working
+directory, except the bad configs: each is checked in this process by
+``manidp.plan.check_config``, the helper the workflow runs before planning, and
+two of them (a schema error, a plan error) also go through ``snakemake`` to
+prove the wiring. The tiny run (.test/config.yaml) trains for real: a dense
+model and one method on a few hundred digits-c images. It is killed once during
+the method's fine-tune and resumed, then the tests inspect what it produced.
 
 Two things keep the module within a few minutes on 2 cores: the dry runs and
 parse-time failures start together (each mostly imports torch), and the Slurm
@@ -32,6 +35,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "workflow" / "Snakefile"
+SCHEMA_FILE = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG = ROOT / "config" / "config.yaml"
 # The tiny configuration CI runs: `snakemake --cores 2 --directory .test`.
 TINY_CONFIG = ROOT / ".test" / "config" / "config.yaml"
@@ -141,6 +145,8 @@ BAD_CONFIGS = {
                                "reference": "manidp", "methods": {"manidp_plain": {}}}),
                            ["datasets.digits-c.ablations.reference", "'manidp'", "valid values: l1"]),
 }
+# Through the real snakemake as well: one schema error and one plan error.
+WIRED_BAD_CONFIGS = ("enum", "method-epochs")
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +159,9 @@ def parse_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedPr
              # A cluster whose ImageNet only compute nodes see: the jobs check the folder themselves.
              "imagenet-plan": ["results/imagenet_table.csv", "-n", "-p", "--config", "data_check=job", *default],
              "imagenet-without-data": ["results/imagenet_table.csv", *default]}
-    for name, (edit, _) in BAD_CONFIGS.items():
+    for name in WIRED_BAD_CONFIGS:
         path = tmp_path_factory.mktemp("config") / "config.yaml"
-        path.write_text(yaml.safe_dump(_broken_config(edit)))
+        path.write_text(yaml.safe_dump(_broken_config(BAD_CONFIGS[name][0])))
         calls[name] = ["-n", "--configfile", str(path)]
     started = {}
     for name, args in calls.items():
@@ -232,6 +238,17 @@ def test_imagenet_without_data_stops_before_any_job(parse_runs):
 
 
 @pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_bad_config_is_refused_naming_key_and_valid_values(name):
+    from manidp.errors import UserError
+    from manidp.plan import check_config
+
+    with pytest.raises(UserError) as refused:
+        check_config(_broken_config(BAD_CONFIGS[name][0]), SCHEMA_FILE)
+    for text in BAD_CONFIGS[name][1]:
+        assert text in str(refused.value), f"{text!r} not in: {refused.value}"
+
+
+@pytest.mark.parametrize("name", WIRED_BAD_CONFIGS)
 def test_bad_config_fails_at_parse_time_naming_key_and_valid_values(parse_runs, name):
     result = parse_runs[name][1]
     assert result.returncode != 0

@@ -12,7 +12,7 @@
 # (dataset, backbone), named latency_<dataset>_<backbone>.
 
 
-for _ds, _backbone in latency_groups():
+for _ds, _backbone in PLAN.latency_groups():
 
     rule:
         name:

@@ -73,7 +73,7 @@ rule train_augment_method:
 rule augmentation_table:
     """Validation top-1 of dense and every method with and without the augmentation, per seed and paired."""
     input:
-        metrics=augment_metrics,
+        metrics=metrics_of(augment_dirs),
     output:
         report(
             "results/{dataset}_augmentation.csv",
@@ -132,7 +132,7 @@ rule training_budget_curve:
     """Test and validation top-1 of every curve method at each fine-tuning budget (mean +- std over seeds), and
     the plot."""
     input:
-        metrics=budget_curve_metrics,
+        metrics=metrics_of(budget_curve_dirs),
     output:
         csv=report(
             "results/{dataset}_training_budget.csv",

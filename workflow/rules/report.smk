@@ -35,7 +35,7 @@ rule table:
         runtime=resource("report", "runtime", 30),
     params:
         runs=lambda wc: " ".join(main_dirs(wc)),
-        profiles=lambda wc: " ".join(profiles(wc.dataset)),
+        profiles=lambda wc: " ".join(PLAN.profiles(wc.dataset)),
     shell:
         "manidp table --dataset {wildcards.dataset} --runs {params.runs} --profiles {params.profiles} "
         "--out {output.csv} --per-seed {output.per_seed} > {log} 2>&1"
@@ -113,7 +113,7 @@ rule ablation_table:
 rule tuning_table:
     """The recipe sweep on the validation split: every setting's mean +- std over seeds, and each method's choice."""
     input:
-        metrics=tuning_metrics,
+        metrics=metrics_of(tuning_dirs),
     output:
         csv="results/{dataset}_tuning.csv",
         html=report(

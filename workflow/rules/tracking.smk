@@ -70,7 +70,7 @@ rule tracking_summary:
         tracking=tracking_command_flag,
     params:
         runs=lambda wc: " ".join(main_dirs(wc)),
-        profiles=lambda wc: " ".join(profiles(wc.dataset)),
+        profiles=lambda wc: " ".join(PLAN.profiles(wc.dataset)),
     shell:
         "manidp tracking-summary {resources.tracking} --dataset {wildcards.dataset} --runs {params.runs} "
         "--profiles {params.profiles} --artifact {input.table} {input.table_md} {input.table_tex} {input.table_full} "

@@ -1,0 +1,126 @@
+"""manidp.plan: the runs, folders and ``manidp train`` arguments a workflow config asks for, without Snakemake."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+
+import pytest
+import yaml
+
+from manidp.errors import UserError
+from manidp.plan import Plan, check_config, label, profile_defaults, profile_flags, run_dir
+from test_workflow import DEFAULT_CONFIG, DEFAULT_PLAN, SCHEMA_FILE, TINY_CONFIG
+
+
+@pytest.fixture(scope="module")
+def default_config() -> dict:
+    return yaml.safe_load(DEFAULT_CONFIG.read_text())
+
+
+@pytest.fixture()
+def tiny() -> dict:
+    return yaml.safe_load(TINY_CONFIG.read_text())
+
+
+def _sets(args: list[str]) -> dict[str, str]:
+    """``--set key=value`` pairs of an argument list, as the shell would pass them."""
+    words = shlex.split(" ".join(args))
+    return dict(words[i + 1].split("=", 1) for i, word in enumerate(words) if word == "--set")
+
+
+@pytest.mark.parametrize("path", [DEFAULT_CONFIG, TINY_CONFIG])
+def test_shipped_configs_pass_the_checks(path):
+    check_config(yaml.safe_load(path.read_text()), SCHEMA_FILE)
+
+
+def test_check_config_reads_yaml_12_numbers(tiny):
+    tiny["datasets"]["digits-c"]["finetune"]["train"]["lr"] = "1.25e-2"  # as YAML 1.1 leaves it
+    check_config(tiny, SCHEMA_FILE)
+    assert tiny["datasets"]["digits-c"]["finetune"]["train"]["lr"] == 0.0125
+
+
+def test_profile_defaults_are_manidp_latencys():
+    """The schema's profile defaults, which Snakemake's validate fills in, are the command's own defaults."""
+    from manidp.cli.latency import COMMANDS
+
+    parser = argparse.ArgumentParser()
+    COMMANDS[0].add_arguments(parser)
+    defaults = profile_defaults(SCHEMA_FILE)
+    assert defaults == {"batch_size": 1, "dtype": "fp32", "instances": 32, "repeats": 10, "warmup": 3}
+    assert defaults == {key: parser.get_default(key) for key in defaults}
+
+
+def test_profile_flags_put_defaulted_keys_first():
+    profile = {"device": "cpu", "threads": 2, "warmup": 2, "batch_size": 1, "slice_cache_mb": 64}
+    assert profile_flags(profile, ["batch_size", "warmup"]) == (
+        "--batch-size 1 --warmup 2 --device cpu --threads 2 --slice-cache-mb 64")
+
+
+@pytest.mark.parametrize("value, text", [(0.4, "0.4"), (5e-05, "5e-05"), (True, "true"), (3, "3"),
+                                         ([], "none"), ([1, 0.5], "1+0.5"), ("a", "a")])
+def test_label(value, text):
+    assert label(value) == text
+
+
+def test_default_plan_runs(default_config):
+    plan = Plan(default_config)
+    dense, methods = plan.dense_dirs("digits-c"), plan.method_dirs("digits-c")
+    assert (len(dense), len(methods)) == (DEFAULT_PLAN["train_dense"], DEFAULT_PLAN["train_method"])
+    assert run_dir("digits-c", "cifar_resnet20", "l1", "0.4", 0) in methods
+    assert plan.default_targets()[0] == "results/digits-c_all.txt"
+    assert plan.latency_groups()[0] == ("digits-c", "cifar_resnet20")
+
+
+def test_backbone_budgets_override_the_datasets(tiny):
+    tiny["datasets"]["digits-c"]["backbones"]["cifar_resnet20"]["budgets"] = [0.3, 0.5]
+    assert Plan(tiny).method_dirs("digits-c")[-1].endswith("-b0.5/seed0")
+
+
+def test_tuning_sweep_folders_and_arguments(default_config):
+    plan = Plan(default_config)
+    tuning = default_config["datasets"]["digits-c"]["tuning"]
+    dirs = plan.tuning_dirs("digits-c")
+    lr = tuning["lr"][0]
+    lam = tuning["methods"]["manidp"]["lam"][0]
+    recipe = f"lr{label(lr)}-lam{label(lam)}"
+    assert f"runs/tuning/digits-c/cifar_resnet20/manidp-b{label(tuning['budget'])}/{recipe}/seed0" in dirs
+    sets = _sets(plan.tuning_args("digits-c", "manidp", recipe))
+    assert sets["train.lr"] == str(lr) and json.loads(sets["method_options"])["lam"] == lam
+    assert sets["eval_splits"] == '["val"]'
+    with pytest.raises(UserError, match="not a setting of the manidp sweep"):
+        plan.tuning_args("digits-c", "manidp", "lr9")
+
+
+def test_method_arguments(tiny):
+    tiny["datasets"]["digits-c"]["methods"]["l1"] = {"options": {"skip_layers": []}, "train": {"lr": 0.5}}
+    args = Plan(tiny).method_args("digits-c", "l1", epochs=9)
+    assert args[:2] == ["--method", "l1"]
+    sets = _sets(args)
+    assert sets["method_options"] == '{"skip_layers": []}'
+    assert sets["train.lr"] == "0.5" and sets["train.epochs"] == "9"
+
+
+def test_downloaded_datasets_never_download_in_a_job(default_config):
+    sets = _sets(Plan(default_config).dense_args("cifar10"))
+    assert sets["data.download"] == "false"
+
+
+def test_on_request_section_not_set(tiny):
+    plan = Plan(tiny)
+    for name, key in [(plan.augment_dirs, "augmentation"), (plan.budget_curve_dirs, "training_budget"),
+                      (plan.tuning_dirs, "tuning"), (plan.ablation_dirs, "ablations")]:
+        with pytest.raises(UserError, match=f"'datasets.digits-c.{key}' is not set"):
+            name("digits-c")
+
+
+def test_dense_resources_fall_back_to_train_and_evaluate_only_takes_evaluate(tiny):
+    tiny["resources"] = {"train": {"threads": 4, "gpus": 2, "mem_mb": 100}, "dense": {"mem_mb": 200},
+                         "evaluate": {"gpus": 1}}
+    plan = Plan(tiny)
+    assert plan.resources_of("digits-c", "dense") == {"threads": 4, "gpus": 2, "mem_mb": 200}
+    evaluated = copy.deepcopy(tiny)
+    evaluated["datasets"]["digits-c"]["dense"] = {"train": {"epochs": 0}}
+    evaluated["datasets"]["digits-c"]["resources"] = {"dense": {"threads": 8}}
+    assert Plan(evaluated).resources_of("digits-c", "dense") == {"threads": 8, "gpus": 1, "mem_mb": 200}
