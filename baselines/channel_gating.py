@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from manidp.errors import UserError
 from manidp.macs import InstanceMacs, trace_layers
-from manidp.methods import Method, RunContext, register_method
+from manidp.methods import Method, RunContext
 
 #: Slope of the authors' surrogate sigmoid(alpha * (z - delta)) (their ``cg_alpha``).
 SURROGATE_ALPHA = 2.0
@@ -118,7 +118,6 @@ def _gateable(model: nn.Module, partitions: int) -> list[str]:
             and min(m.in_channels, m.out_channels) >= partitions]
 
 
-@register_method
 class ChannelGating(Method):
     name = "channel_gating"
     title = "CGNet-style channel gating (budget-calibrated)"

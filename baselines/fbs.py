@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from manidp.errors import UserError
 from manidp.gating import ChannelGate, GateKernel, deploy_model, insert_gates, kept_channels
 from manidp.macs import InstanceMacs
-from manidp.methods import Method, RunContext, default_param_groups, register_method
+from manidp.methods import Method, RunContext, default_param_groups
 
 
 class SaliencyPredictor(nn.Module):
@@ -73,7 +73,6 @@ class SaliencyPredictor(nn.Module):
         return saliency * winners
 
 
-@register_method
 class FBS(Method):
     name = "fbs"
     dynamic = True

@@ -13,10 +13,9 @@ import torch
 import torch.nn as nn
 
 from baselines._structured import StructuredPruning
-from manidp.methods import RunContext, register_method
+from manidp.methods import RunContext
 
 
-@register_method
 class L1Norm(StructuredPruning):
     name = "l1"
 

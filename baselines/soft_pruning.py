@@ -68,7 +68,7 @@ import torch.nn as nn
 
 from baselines._structured import StructuredPruning, zero_filter_grads, zero_filters
 from manidp.errors import UserError
-from manidp.methods import RunContext, register_method
+from manidp.methods import RunContext
 
 
 
@@ -156,7 +156,6 @@ class SoftFilterPruning(StructuredPruning):
         return {**super().describe(), "variant": self.variants[bool(self.options["zero_grad"])]}
 
 
-@register_method
 class FPGM(SoftFilterPruning):
     name = "fpgm"
     variants = {True: "FPGM authors' code: zero the selected filters and their gradients",
@@ -167,7 +166,6 @@ class FPGM(SoftFilterPruning):
         return torch.cdist(filters[None], filters[None], compute_mode="donot_use_mm_for_euclid_dist")[0].sum(1)
 
 
-@register_method
 class SFP(SoftFilterPruning):
     name = "sfp"
     default_options = {**SoftFilterPruning.default_options, "zero_grad": False}

@@ -39,3 +39,42 @@ def test_method_trains_and_writes_every_output(name, dense_run, data_cache, tmp_
         assert "macs" in instances and instances["macs"].notna().all()
         assert instances["macs"].mean() == pytest.approx(metrics["macs"])
     assert (out / "model.pt").is_file()
+
+
+class _EntryPoint:
+    """Stands in for importlib.metadata.EntryPoint: a name, a value, and what load() does."""
+
+    def __init__(self, name, value, target=None, error=None):
+        self.name, self.value, self._target, self._error = name, value, target, error
+
+    def load(self):
+        if self._error:
+            raise self._error
+        return self._target
+
+
+def test_registry_reads_the_entry_point_group():
+    from importlib.metadata import entry_points
+
+    from manidp.methods import ENTRY_POINT_GROUP
+
+    names = {point.name for point in entry_points(group=ENTRY_POINT_GROUP)}
+    assert {"dense", "manidp", "l1", "fpgm", "sfp", "channel_gating", "fbs"} <= names
+    assert names == set(METHODS.names())
+
+
+@pytest.mark.parametrize("points, message", [
+    ([_EntryPoint("broken", "nowhere:Broken", error=ImportError("No module named 'nowhere'"))],
+     "method entry point broken = 'nowhere:Broken' (group manidp.methods) failed to import: ImportError"),
+    ([_EntryPoint("dense", "manidp.methods.dense:Dense", METHODS.get("dense")),
+      _EntryPoint("dense", "other.pkg:Dense", METHODS.get("dense"))],
+     "method 'dense' is registered twice: by entry points 'manidp.methods.dense:Dense' and 'other.pkg:Dense'"),
+    ([_EntryPoint("l1", "other.pkg:Fake", METHODS.get("fbs"))], "must name a Method subclass whose name is 'l1'"),
+])
+def test_bad_entry_points_give_one_clear_error(points, message, monkeypatch):
+    import manidp.methods as methods
+    from manidp.errors import UserError
+
+    monkeypatch.setattr(methods, "entry_points", lambda group: points)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        methods.load_all()

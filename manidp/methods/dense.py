@@ -3,9 +3,8 @@
 Every other method is measured against it and usually fine-tunes from its
 checkpoint (``init_from``), so all rows of a table share one baseline.
 """
-from manidp.methods._base import Method, register_method
+from manidp.methods._base import Method
 
 
-@register_method
 class Dense(Method):
     name = "dense"

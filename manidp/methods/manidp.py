@@ -193,7 +193,7 @@ import torch.nn.functional as F
 from manidp.errors import UserError
 from manidp.gating import ChannelGate, GateKernel, deploy_model, gated_layers, insert_gates, kept_channels
 from manidp.macs import InstanceMacs
-from manidp.methods._base import Method, RunContext, default_param_groups, register_method
+from manidp.methods._base import Method, RunContext, default_param_groups
 
 __all__ = ["SaliencyGate", "ManiDP", "ManiDPAuthors", "instance_weights", "sparsity_loss", "similarity_loss", "keep_rate_schedule",
            "rank_threshold", "quantile_threshold"]
@@ -342,7 +342,6 @@ class _StopForward(Exception):
 
 
 # ---------------------------------------------------------------- method
-@register_method
 class ManiDP(Method):
     name = "manidp"
     dynamic = True
@@ -769,7 +768,6 @@ class ManiDP(Method):
                 "gated_layers": len(self.gates)}
 
 
-@register_method
 class ManiDPNoManifold(ManiDP):
     """Ablation: no manifold alignment term (eta = 0)."""
 
@@ -777,7 +775,6 @@ class ManiDPNoManifold(ManiDP):
     default_options = {**ManiDP.default_options, "eta": 0.0}
 
 
-@register_method
 class ManiDPNoComplexity(ManiDP):
     """Ablation: no complexity weighting (beta = 1 for every instance)."""
 
@@ -785,7 +782,6 @@ class ManiDPNoComplexity(ManiDP):
     default_options = {**ManiDP.default_options, "no_complexity": True}
 
 
-@register_method
 class ManiDPAuthors(ManiDP):
     """The authors' variant: mean-rank thresholds, gates at the backbone's lr, beta not detached.
 
@@ -799,7 +795,6 @@ class ManiDPAuthors(ManiDP):
                        "detach_beta": False}
 
 
-@register_method
 class ManiDPPlain(ManiDP):
     """Ablation: plain dynamic gating with a uniform sparsity penalty (eta = 0, beta = 1)."""
 
