@@ -26,7 +26,7 @@ import sys
 import timm
 import torch
 
-from manidp import gating
+from manidp.gating import slices as gating  # the ablation flips its channels-last reorder flag
 from manidp.gating import (DEFAULT_SLICE_CACHE_MB, deploy_model, deployed_blocks, insert_gates, kept_channels,
                            slice_cache)
 from manidp.latency import (MEMORY_FORMATS, InMemoryFormat, distinct_kept_sets, hardware_profile, measure_latency,

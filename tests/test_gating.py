@@ -88,11 +88,12 @@ def test_planner_times_the_gathered_path_as_timed_instances_meet_the_cache(monke
     timed on the other instance's cached slices and stays gathered. A fake clock charges each slice
     built on a cache miss and each dense call, so no real timing is involved."""
     from manidp import gating
+    from manidp.gating import plan
 
     model, x = _per_instance_gated("cifar_resnet20")
     deployed = deploy_model(model)
     fake = [0.0]
-    monkeypatch.setattr(gating, "_clock", lambda: lambda: fake[0])
+    monkeypatch.setattr(plan, "_clock", lambda: lambda: fake[0])
     get = gating.SliceCache.get
 
     def charged_get(self, key, build):
@@ -441,7 +442,7 @@ def test_round_to_is_validated():
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_adding_kept_channels_equals_index_add(size, channels_last):
     """The deployed BasicBlock's residual sum (a [N*H*W, C] view on channels_last) is index_add_'s, in place."""
-    from manidp.gating import _add_channels
+    from manidp.gating.deployed import _add_channels
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.randn(1, 12, size, size).contiguous(memory_format=fmt)
