@@ -3,7 +3,8 @@
 Each case runs the loading in a subprocess, as a user's ``manidp latency`` would: a planted library must
 not run, a cut-short one must not kill the process, concurrent first uses must build once, and a library
 that registers other ops must leave the gates on the ATen path. One real build (three concurrent first
-uses of an empty cache) is shared by the module; only the cut-short case builds again.
+uses of an empty cache, which also proves the plain build into an empty cache) is shared by the module;
+only the cut-short case builds again.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from manidp import kernels
+from manidp.kernels import _toolchain
 
 REAL_CXX = next((shutil.which(name) for name in ("c++", "g++", "clang++") if shutil.which(name)), None)
 needs_compiler = pytest.mark.skipif(REAL_CXX is None, reason="no C++ compiler on this machine")
@@ -110,20 +112,30 @@ def _private_copy(first_use, name: str) -> Path:
 
 @needs_compiler
 def test_concurrent_first_uses_build_once_and_reuse_it(first_use):
+    """The build path on an empty cache: the folder is created 0700, one process builds and records the
+    library's SHA-256 beside it, and the others (waiting on the lock, or later) load that build."""
+    statuses = []
     for rc, out, err in first_use.results:
         assert rc == 0, err[-2000:]
-        assert out.splitlines()[-1].startswith("compiled ("), out
+        statuses.append(out.splitlines()[-1])
     assert _compiles(first_use.log) == 1
+    assert sorted(status.split(":")[0] for status in statuses) == ["compiled (built", "compiled (cached",
+                                                                   "compiled (cached"], statuses
     assert len(first_use.libraries) == 1 and _record_matches(first_use.library)
+    library = first_use.library
+    assert all(str(library.resolve()) in status for status in statuses), statuses  # each loaded that build
+    assert library.with_name(library.name + ".sha256").read_text().split()[1:] == [library.name]
     assert stat.S_IMODE(first_use.cache.stat().st_mode) == 0o700
     assert not list(first_use.cache.glob(".build-*"))  # no temporary left behind
 
 
 @needs_compiler
 def test_a_cut_short_library_is_rebuilt_not_loaded(first_use):
-    """A cached library cut to 50 kB used to kill the process with SIGBUS (exit 135) on dlopen."""
+    """A cached library cut short would kill the process with SIGBUS on dlopen: its SHA-256 no longer matches
+    the record, so it is built again (the same bytes: the build is reproducible), never opened."""
     folder = _private_copy(first_use, "cut-short")
     library = folder / first_use.library.name
+    recorded = hashlib.sha256(library.read_bytes()).hexdigest()
     with open(library, "r+b") as handle:
         handle.truncate(50_000)
     before = _compiles(first_use.log)
@@ -132,6 +144,7 @@ def test_a_cut_short_library_is_rebuilt_not_loaded(first_use):
     assert done.stdout.strip().splitlines()[-1].startswith("compiled (built: "), done.stdout
     assert _compiles(first_use.log) == before + 1
     assert library.stat().st_size > 50_000 and _record_matches(library)
+    assert hashlib.sha256(library.read_bytes()).hexdigest() == recorded
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +258,6 @@ def test_cxx_may_be_a_command_with_arguments(monkeypatch):
     if env is None:
         pytest.skip("no env program to stand in for a compiler launcher")
     monkeypatch.setenv("CXX", "env LC_ALL=C c++")
-    assert kernels._compiler() == [env, "LC_ALL=C", "c++"]
+    assert _toolchain._compiler() == [env, "LC_ALL=C", "c++"]
     monkeypatch.setenv("CXX", "'no such launcher' g++")
-    assert kernels._compiler() is None
+    assert _toolchain._compiler() is None

@@ -1,10 +1,7 @@
 """The compiled gate op (manidp/kernels): same masks as the gates' own ATen code, and a clean fallback."""
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +11,11 @@ import torch
 import torch.nn as nn
 
 from manidp import kernels
+from manidp.kernels import _toolchain
 from manidp.gating import GateKernel, compile_deployed, deploy_model, deployed_blocks, insert_gates, plan_deployment
 from manidp.models import build_backbone
 
-needs_compiler = pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler on this machine")
+needs_compiler = pytest.mark.skipif(_toolchain._compiler() is None, reason="no C++ compiler on this machine")
 
 
 @pytest.fixture
@@ -160,7 +158,7 @@ def test_switched_off_kernel_falls_back_to_aten_with_the_same_outputs(monkeypatc
 
 def test_without_a_compiler_the_status_says_why(monkeypatch, fresh_state):
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    monkeypatch.setattr(_toolchain, "_compiler", lambda: None)
     monkeypatch.setattr(kernels, "_registered", lambda: False)
     assert kernels.load() is False
     assert kernels.status() == "unavailable: no C++ compiler found (set CXX, or install g++); gates run as ATen ops"
@@ -175,33 +173,10 @@ def test_a_cxx_that_is_no_program_is_named(monkeypatch, fresh_state):
 
 def test_a_failed_build_is_reported_not_raised(monkeypatch, fresh_state):
     monkeypatch.setattr(kernels, "_registered", lambda: False)
-    monkeypatch.setattr(kernels, "_compiler", lambda: [shutil.which("false") or "/bin/false"])
+    monkeypatch.setattr(_toolchain, "_compiler", lambda: [shutil.which("false") or "/bin/false"])
     assert kernels.load() is False
     assert kernels.status().startswith("unavailable: the build failed (false:")
     assert not list(fresh_state.glob("*.so"))  # nothing half-written left in the cache
-
-
-@needs_compiler
-def test_build_into_an_empty_cache(monkeypatch, fresh_state):
-    """The real build path: compile into an empty cache (created 0700, the build's SHA-256 recorded beside
-    it), then a second load finds it there; a damaged cached file (a copy cut short) is built again."""
-    monkeypatch.setattr(kernels, "_registered", lambda: False)
-
-    def build():
-        built, why = kernels._build()
-        assert built is not None, why
-        os.close(built.fd)
-        return built.library, built.how
-
-    library, how = build()
-    assert how == "built" and library.parent == fresh_state and library.stat().st_size > 0
-    assert stat.S_IMODE(fresh_state.stat().st_mode) == 0o700
-    record = library.with_name(library.name + ".sha256").read_text().split()
-    assert record == [hashlib.sha256(library.read_bytes()).hexdigest(), library.name]
-    assert build() == (library, "cached")
-    library.write_bytes(b"half a library")
-    assert build() == (library, "built")
-    assert hashlib.sha256(library.read_bytes()).hexdigest() == record[0]
 
 
 def _gathered_case(seed: int = 4, channels: int = 24, kept: int = 9, size: int = 7):
@@ -216,7 +191,7 @@ def _gathered_case(seed: int = 4, channels: int = 24, kept: int = 9, size: int =
 
 @needs_compiler
 def test_scale_pool_equals_scale_then_scattered_pool():
-    from manidp.gating import _scale, _scatter_pooled
+    from manidp.gating.deployed import _scale, _scatter_pooled
 
     index, mask, y, _ = _gathered_case()
     expected_y = _scale(y.clone(), mask, index)
@@ -232,7 +207,7 @@ def test_scale_pool_equals_scale_then_scattered_pool():
 @needs_compiler
 @pytest.mark.parametrize("relu", [True, False])
 def test_add_channels_equals_scale_index_add_and_relu(relu):
-    from manidp.gating import _add_channels, _scale
+    from manidp.gating.deployed import _add_channels, _scale
 
     index, mask, z, out = _gathered_case()
     expected = _add_channels(out.clone(), index, _scale(z.clone(), mask, index))
@@ -284,7 +259,7 @@ def test_gate_mask_equals_the_gate_on_maps_and_on_pools(channels_last):
 def test_rounded_gates_round_in_the_kernel_as_round_kept_does(multiple):
     """round_to: the kernel's masks equal the rounding gate's (kept counts multiples of 8 / 16)."""
     from baselines.fbs import SaliencyPredictor
-    from manidp.gating import _RoundedGate
+    from manidp.gating.deployed import _RoundedGate
 
     torch.manual_seed(6)
     x = _layout(torch.randn(5, 16, 6, 6).relu(), True)
@@ -317,7 +292,7 @@ def test_ops_at_batch_1_on_two_threads_equal_the_aten_form(two_threads, channels
     pools equal the ATen form's, and equal the ops' own results on one thread bit for bit (partials by
     chunk, never by thread)."""
     from baselines.fbs import SaliencyPredictor
-    from manidp.gating import _add_channels, _scale, _scatter_pooled
+    from manidp.gating.deployed import _add_channels, _scale, _scatter_pooled
 
     torch.manual_seed(7)
     x = _layout(torch.randn(1, 32, 96, 96).relu(), channels_last)  # 9,216 rows of 32: 9 chunks of the pool
@@ -365,13 +340,13 @@ def test_ops_are_threaded_with_torch_s_own_openmp_runtime():
     loaded, not to another package's copy (scikit-learn maps its own libgomp once imported, as the
     digits-c data builder does)."""
     assert kernels.available()
-    compiler = kernels._compiler()
-    if "clang" in kernels._compiler_version(tuple(compiler)).lower():
+    compiler = _toolchain._compiler()
+    if "clang" in _toolchain._compiler_version(tuple(compiler)).lower():
         assert kernels.threading().startswith("serial (clang")
         return
     threading = kernels.threading()
     torch_lib = Path(torch.__file__).parent / "lib"
-    runtimes = kernels._openmp_runtimes()
+    runtimes = _toolchain._openmp_runtimes()
     torch_runtime = [r for r in runtimes if Path(r).parent == torch_lib.resolve()]
     assert len(torch_runtime) == 1, runtimes
     assert threading.startswith(f"openmp ({torch_runtime[0]})"), threading
