@@ -40,8 +40,9 @@ import torch
 import torch.nn as nn
 
 from manidp.errors import UserError
-from manidp.macs import InstanceMacs, trace_layers
-from manidp.methods import Method, RunContext
+from manidp.macs import trace_layers
+from manidp.methods import RunContext, default_param_groups
+from manidp.methods._gated import GatedMethod
 
 #: Slope of the authors' surrogate sigmoid(alpha * (z - delta)) (their ``cg_alpha``).
 SURROGATE_ALPHA = 2.0
@@ -118,11 +119,9 @@ def _gateable(model: nn.Module, partitions: int) -> list[str]:
             and min(m.in_channels, m.out_channels) >= partitions]
 
 
-class ChannelGating(Method):
+class ChannelGating(GatedMethod):
     name = "channel_gating"
     title = "CGNet-style channel gating (budget-calibrated)"
-    dynamic = True
-    needs_budget = True
     budget_tolerance = 0.03
     default_options = {
         "partitions": 4,  # p: the base path reads 1/p of the input channels
@@ -178,29 +177,33 @@ class ChannelGating(Method):
         return (loss + self.options["gate_weight"] * gate_loss, logits,
                 {"gate_on": on_rate.item(), "gate_loss": float(gate_loss.detach())})
 
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        """The shared recipe: a gate here wraps its conv, whose weights keep their decay (delta is 1-D anyway)."""
+        return default_param_groups(model, weight_decay)
+
+    def _set_shift(self, shift: float) -> None:
+        for g in self.gates.values():
+            g.shift.fill_(shift)
+
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        """Bisect one threshold shift so the validation MACs meet the budget (monotone in the shift)."""
+        """Bisect one threshold shift so the validation MACs meet the budget (the reduction rises with it)."""
         if not self.options["calibrate"] or ctx.val_loader is None:
             return model
-        was_training = model.training
-        model.eval()
-        counter = InstanceMacs(model, ctx.input_size, ctx.device)
-        lo, hi = -6.0, 6.0
-        for _ in range(16):  # the interval shrinks to 12 / 2^16, a 2e-4 step in the shift
-            shift = (lo + hi) / 2
-            for g in self.gates.values():
-                g.shift.fill_(shift)
-            self.val_reduction = self.validation_reduction(model, counter, ctx)
-            if abs(self.val_reduction - self.budget) < 0.002:
-                break
-            lo, hi = (shift, hi) if self.val_reduction < self.budget else (lo, shift)
-        model.train(was_training)
+        # 16 halvings of [-6, 6] reach a 2e-4 step in the shift
+        shift, measured = self.calibrate_budget(model, ctx, self._set_shift, above=6.0, below=-6.0, steps=16,
+                                                tolerance=0.002)
+        self.val_reduction = measured[shift][0]
         ctx.log(f"channel_gating: threshold shift {shift:+.3f} gives {self.val_reduction:.2%} fewer MACs on val")
         return model
 
     # -- evaluation -------------------------------------------------------
-    def instance_macs(self, model: nn.Module, counter: InstanceMacs, batch_size: int) -> torch.Tensor:
-        return counter(batch_size, in_kept={name: g.in_kept for name, g in self.gates.items()})
+    def kept_counts(self, model: nn.Module) -> tuple[dict, None]:
+        """Input channels each output activation really read, averaged per instance; outputs all computed."""
+        return {name: g.in_kept for name, g in self.gates.items()}, None
+
+    def deploy(self, model: nn.Module) -> nn.Module:
+        """As trained: per-activation sparsity has no faster dense form (the MACs saving is theoretical)."""
+        return model
 
     # -- state ------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -39,9 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from manidp.errors import UserError
-from manidp.gating import ChannelGate, GateKernel, deploy_model, insert_gates, kept_channels
+from manidp.gating import GateKernel, insert_gates
 from manidp.macs import InstanceMacs
-from manidp.methods import Method, RunContext, default_param_groups
+from manidp.methods import RunContext
+from manidp.methods._gated import GatedMethod, grid_search
 
 
 class SaliencyPredictor(nn.Module):
@@ -73,10 +74,8 @@ class SaliencyPredictor(nn.Module):
         return saliency * winners
 
 
-class FBS(Method):
+class FBS(GatedMethod):
     name = "fbs"
-    dynamic = True
-    needs_budget = True
     budget_tolerance = 0.03
     default_options = {
         "l1_weight": 1.0e-8,  # lambda of the L1 penalty on the saliencies (the paper's value)
@@ -86,7 +85,6 @@ class FBS(Method):
 
     def __init__(self, options: Optional[dict] = None, budget: Optional[float] = None):
         super().__init__(options, budget)
-        self.gates: list[ChannelGate] = []
         self.val_reduction: Optional[float] = None
 
     # -- building ---------------------------------------------------------
@@ -103,15 +101,9 @@ class FBS(Method):
             in_kept.update(dict.fromkeys(site.consumer_names, k))
         return float(counter(1, in_kept, out_kept))
 
-    def _closest_density(self, reduction_of) -> float:
-        """Bisect the densities where some gate's k changes (j / C; the reduction falls as d
-        rises) for the one whose reduction ``reduction_of(d)`` is closest to the budget."""
-        candidates = sorted({j / s.out_channels for s in self.gates for j in range(1, s.out_channels + 1)})
-        lo, hi = 0, len(candidates) - 1
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if reduction_of(candidates[mid]) > self.budget else (lo, mid)
-        return min((candidates[lo], candidates[hi]), key=lambda d: abs(reduction_of(d) - self.budget))
+    def _densities(self) -> list[float]:
+        """The densities where some gate's k changes (j / C), ascending: the reduction falls along them."""
+        return sorted({j / s.out_channels for s in self.gates for j in range(1, s.out_channels + 1)})
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self.gates = insert_gates(model, SaliencyPredictor, round_to=self.options["round_to"])
@@ -121,12 +113,10 @@ class FBS(Method):
             least = 1 - self._macs_at(counter, 0.0) / ctx.dense_macs
             if least < self.budget - self.budget_tolerance:
                 raise UserError(f"fbs saves at most {least:.1%} of the MACs on this backbone; lower the budget")
-            density = self._closest_density(lambda d: 1 - self._macs_at(counter, d) / ctx.dense_macs)
+            density = grid_search(lambda d: 1 - self._macs_at(counter, d) / ctx.dense_macs, self.budget,
+                                  self._densities())
         self._set_density(density)
         return model
-
-    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
-        return default_param_groups(model, weight_decay, no_decay_modules=self.gates)
 
     # -- training ---------------------------------------------------------
     def training_loss(self, model: nn.Module, images, targets, ctx: RunContext):
@@ -135,41 +125,21 @@ class FBS(Method):
         kept = torch.stack([(site.mask != 0).float().mean() for site in self.gates]).mean()
         return loss + self.options["l1_weight"] * l1, logits, {"kept": kept.item(), "saliency_l1": float(l1.detach())}
 
-    def _val_reduction(self, model: nn.Module, counter: InstanceMacs, ctx: RunContext, density: float) -> float:
-        self._set_density(density)
-        return self.validation_reduction(model, counter, ctx)
-
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """Check the budget on the validation split; re-choose d there when it is off by over a point."""
         if ctx.val_loader is None or self.options["density"] is not None:
             return model
         was_training = model.training
-        model.eval()
         counter = InstanceMacs(model, ctx.input_size, ctx.device)
         density = float(self.gates[0].gate.density)
-        self.val_reduction = self._val_reduction(model, counter, ctx, density)
+        self.val_reduction, _ = self.validation_pass(model, counter, ctx)
         if abs(self.val_reduction - self.budget) > 0.01:
-            measured: dict[float, float] = {}
-
-            def reduction_of(d: float) -> float:
-                if d not in measured:
-                    measured[d] = self._val_reduction(model, counter, ctx, d)
-                return measured[d]
-
-            density = self._closest_density(reduction_of)
-            self.val_reduction = measured[density]
-        self._set_density(density)
+            density, measured = self.calibrate_budget(model, ctx, self._set_density, points=self._densities(),
+                                                      counter=counter)
+            self.val_reduction = measured[density][0]
         model.train(was_training)
         ctx.log(f"fbs: density {density:.3f} gives {self.val_reduction:.2%} fewer MACs on val")
         return model
-
-    # -- evaluation -------------------------------------------------------
-    def instance_macs(self, model: nn.Module, counter: InstanceMacs, batch_size: int) -> torch.Tensor:
-        in_kept, out_kept = kept_channels(self.gates)
-        return counter(batch_size, in_kept, out_kept)
-
-    def deploy(self, model: nn.Module) -> nn.Module:
-        return deploy_model(model)
 
     # -- state ------------------------------------------------------------
     def state_dict(self) -> dict:

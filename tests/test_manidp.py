@@ -389,7 +389,7 @@ def test_calibration_sets_thresholds_in_forward_order_and_meets_the_budget():
     assert max(fractions) - min(fractions) <= 0.1, fractions
     # the budget holds on the very masks the model produces, gates counted
     counter = InstanceMacs(model, ctx.input_size)
-    reduction, _ = method._validation_pass(model, ctx, counter)
+    reduction, _ = method.validation_pass(model, counter, ctx)
     assert reduction == pytest.approx(calibration["val_macs_reduction"], abs=1e-9)
     final = method.final_metrics()
     assert set(final) >= {"val_top1_before_calibration", "val_top1_after_calibration"}

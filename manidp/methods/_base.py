@@ -159,17 +159,6 @@ class Method:
         return torch.full((batch_size,), float(counter.dense), dtype=torch.float64)
 
     @torch.no_grad()
-    def validation_reduction(self, model: nn.Module, counter: InstanceMacs, ctx: RunContext) -> float:
-        """Mean per-instance MACs reduction on the validation split: what budget calibration may use."""
-        total, seen = 0.0, 0
-        for images, _ in ctx.val_loader:
-            with ctx.autocast():
-                model(images.to(ctx.device))
-            total += float(self.instance_macs(model, counter, len(images)).sum())
-            seen += len(images)
-        return 1 - total / seen / ctx.dense_macs
-
-    @torch.no_grad()
     def validation_top1(self, model: nn.Module, ctx: RunContext) -> float:
         """Top-1 (%) on the validation split, in eval mode (restores the previous mode)."""
         was_training = model.training

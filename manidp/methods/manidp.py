@@ -191,9 +191,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from manidp.errors import UserError
-from manidp.gating import ChannelGate, GateKernel, deploy_model, gated_layers, insert_gates, kept_channels
+from manidp.gating import GateKernel, insert_gates
 from manidp.macs import InstanceMacs
-from manidp.methods._base import Method, RunContext, default_param_groups
+from manidp.methods._base import RunContext, default_param_groups
+from manidp.methods._gated import GatedMethod
 
 __all__ = ["SaliencyGate", "ManiDP", "ManiDPAuthors", "instance_weights", "sparsity_loss", "similarity_loss", "keep_rate_schedule",
            "rank_threshold", "quantile_threshold"]
@@ -342,10 +343,8 @@ class _StopForward(Exception):
 
 
 # ---------------------------------------------------------------- method
-class ManiDP(Method):
+class ManiDP(GatedMethod):
     name = "manidp"
-    dynamic = True
-    needs_budget = True
     budget_tolerance = 0.02
     default_options = {
         "lam": 0.1,
@@ -399,7 +398,6 @@ class ManiDP(Method):
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "quantile_window" else 0):
                 raise UserError(f"method option {key} must be an integer >= "
                                 f"{1 if key == 'quantile_window' else 0}, got {value!r}")
-        self.gates: list[ChannelGate] = []
         self.keep_rate_target: Optional[float] = keep
         self.complexity: Optional[float] = None
         self.calibration: dict = {}
@@ -615,19 +613,6 @@ class ManiDP(Method):
         return model
 
     @torch.no_grad()
-    def _validation_pass(self, model: nn.Module, ctx: RunContext, counter: InstanceMacs) -> tuple[float, float]:
-        """Mean per-instance MACs reduction (gates counted) and top-1 (%) on the validation split."""
-        model.eval()
-        total_macs, correct, count = 0.0, 0, 0
-        for images, targets in ctx.val_loader:
-            with ctx.autocast():
-                logits = model(images.to(ctx.device))
-            correct += int((logits.argmax(1).cpu() == targets).sum())
-            total_macs += float(self.instance_macs(model, counter, len(images)).sum())
-            count += len(images)
-        return 1 - total_macs / count / ctx.dense_macs, 100.0 * correct / count
-
-    @torch.no_grad()
     def _layer_saliencies(self, model: nn.Module, ctx: RunContext, index: int) -> torch.Tensor:
         """Every validation instance's saliencies ``[N, C]`` at gate ``index``, with the current upstream
         thresholds in place; the forward stops at that gate (what follows cannot change it)."""
@@ -663,16 +648,12 @@ class ManiDP(Method):
         """Search one keep rate q (the fraction of channel-instances every gated layer keeps on the
         validation split) until the validation MACs reduction meets the budget; record top-1 before/after."""
         counter = InstanceMacs(model, ctx.input_size, ctx.device)
-        before_reduction, before_top1 = self._validation_pass(model, ctx, counter)
-        outcome = {}
-
-        def reduction_at(rate: float) -> float:
-            self._set_keep_rate(model, ctx, rate)
-            outcome[rate] = self._validation_pass(model, ctx, counter)
-            return outcome[rate][0]
-
-        rate, achieved = self._solve_rate(reduction_at)
-        after_top1 = outcome[rate][1]
+        before_reduction, before_top1 = self.validation_pass(model, counter, ctx)
+        # q = 0 prunes everything (reduction above the budget), q = 1 keeps all the ReLU left (below)
+        rate, measured = self.calibrate_budget(
+            model, ctx, functools.partial(self._set_keep_rate, model, ctx), above=0.0, below=1.0,
+            steps=self.calibration_steps, tolerance=self.calibration_tolerance, secant=True, counter=counter)
+        achieved, after_top1 = measured[rate]
         self.calibration = {
             "keep_rate": rate, "val_macs_reduction": achieved, "val_top1_before": before_top1,
             "val_top1_after": after_top1, "val_macs_reduction_before": before_reduction,
@@ -690,49 +671,6 @@ class ManiDP(Method):
 
     def final_metrics(self) -> dict:
         return dict(getattr(self, "_final", {}))
-
-    def _solve_rate(self, reduction_at) -> tuple[float, float]:
-        """The keep rate whose reduction is closest to the budget: regula falsi (Illinois) on [0, 1].
-
-        The reduction falls as the keep rate grows (0 prunes everything, 1 keeps
-        all the ReLU left); a secant step usually lands within tolerance in 3-5
-        validation passes where bisection needs about 8. Leaves the best rate's
-        thresholds in place.
-        """
-        low, f_low = 0.0, None  # rate with reduction above the budget, and reduction - budget there
-        high, f_high = 1.0, None  # rate with reduction below the budget
-        rate, last_side, best = 0.5, 0, None
-        for _ in range(self.calibration_steps):
-            error = reduction_at(rate) - self.budget
-            if best is None or abs(error) < abs(best[1]):
-                best = (rate, error)
-            if abs(error) <= self.calibration_tolerance:
-                break
-            side = 1 if error > 0 else -1
-            if side > 0:
-                low, f_low = rate, error
-                if last_side > 0 and f_high is not None:
-                    f_high /= 2  # Illinois: the same end moved twice, damp the other
-            else:
-                high, f_high = rate, error
-                if last_side < 0 and f_low is not None:
-                    f_low /= 2
-            last_side = side
-            if f_low is None or f_high is None:
-                rate = (low + high) / 2
-            else:
-                rate = (low * f_high - high * f_low) / (f_high - f_low)
-        if best[0] != rate:
-            reduction_at(best[0])
-        return best[0], best[1] + self.budget
-
-    # -- evaluation -----------------------------------------------------------
-    def instance_macs(self, model: nn.Module, counter: InstanceMacs, batch_size: int) -> torch.Tensor:
-        in_kept, out_kept = kept_channels(gated_layers(model))
-        return counter(batch_size, in_kept, out_kept)
-
-    def deploy(self, model: nn.Module) -> nn.Module:
-        return deploy_model(model)
 
     # -- state ----------------------------------------------------------------
     def state_dict(self) -> dict:
