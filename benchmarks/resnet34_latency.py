@@ -34,7 +34,7 @@ from manidp.latency import (MEMORY_FORMATS, InMemoryFormat, distinct_kept_sets, 
 from manidp.macs import InstanceMacs, count_macs
 from manidp.methods.manidp import SaliencyGate
 
-INPUT = (3, 224, 224)
+SIZE = 224  # ImageNet resolution; --size changes it (the tests run smaller inputs, which prove the fields, not the speed)
 PATTERNS = ("static", "per_instance")
 CALIBRATION = 16  # random inputs that place the per-instance gates' thresholds (never planned on nor timed)
 
@@ -95,7 +95,7 @@ def draw_per_instance(gated, gates, rate: float, calibration: torch.Tensor, gene
 
 
 def gated_resnet34(reduction: float, seed: int = 0, multiple: int = 1, pattern: str = "static",
-                   calibration: torch.Tensor | None = None):
+                   calibration: torch.Tensor | None = None, size: int = SIZE):
     """(dense model, gated model, gates, keep rate) for the requested reduction and keep pattern.
 
     The keep rate is chosen on the kept counts alone (as if static); the MACs
@@ -106,11 +106,11 @@ def gated_resnet34(reduction: float, seed: int = 0, multiple: int = 1, pattern: 
     for module in dense.modules():  # timm zero-initialises each block's last BN: give the branches real outputs
         if isinstance(module, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(module.weight, 0.5, 1.0)
-    dense_macs = count_macs(dense, INPUT)
+    dense_macs = count_macs(dense, (3, size, size))
     gated = copy.deepcopy(dense)
     gates = insert_gates(gated, SaliencyGate)
     gated.eval()
-    counter = InstanceMacs(gated, INPUT)
+    counter = InstanceMacs(gated, (3, size, size))
 
     def planned_ratio(rate: float) -> float:
         in_kept, out_kept = {}, {}
@@ -275,6 +275,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reduction", type=float, default=0.55, help="requested MACs reduction (default 0.55)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--size", type=int, default=SIZE, help=f"input height and width (default {SIZE})")
     parser.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS),
                         help="keep patterns: static (every input keeps the same channels) and per_instance "
                              "(a kept set per instance); default both")
@@ -300,12 +301,12 @@ def main(argv=None) -> int:
         parser.error("--round-to must be >= 1")
 
     generator = torch.Generator().manual_seed(1)
-    inputs, plan_inputs, calibration = ([torch.randn(1, *INPUT, generator=generator) for _ in range(n)]
+    inputs, plan_inputs, calibration = ([torch.randn(1, 3, args.size, args.size, generator=generator) for _ in range(n)]
                                         for n in (args.instances, args.plan_instances, CALIBRATION))
     models = {pattern: gated_resnet34(args.reduction, multiple=args.round_to, pattern=pattern,
-                                      calibration=torch.cat(calibration)) for pattern in args.patterns}
+                                      calibration=torch.cat(calibration), size=args.size) for pattern in args.patterns}
     dense = next(iter(models.values()))[0]
-    independent = IndependentOneDNNResNet34(dense, (1, *INPUT))
+    independent = IndependentOneDNNResNet34(dense, (1, 3, args.size, args.size))
     for threads in args.threads:
         torch.set_num_threads(threads)
         dense_reference = optimized_dense(dense, inputs, inductor=args.inductor)  # chosen at this thread count
@@ -319,7 +320,7 @@ def main(argv=None) -> int:
             fields = time_side_by_side(dense, deployed, inputs, reference, args.warmup, args.repeats, args.clock,
                                        dense_reference=dense_reference, plan_batches=plan_inputs)
             print(json.dumps({
-                "benchmark": "resnet34_latency", "keep_pattern": pattern, "threads": threads,
+                "benchmark": "resnet34_latency", "keep_pattern": pattern, "threads": threads, "size": args.size,
                 "requested_reduction": args.reduction, "round_to": args.round_to if pattern == "static" else 1,
                 "keep_rate": rate, "macs_ratio": macs_ratio, "distinct_kept_sets": kept_sets,
                 "instances": len(inputs), "plan_instances": len(plan_inputs),

@@ -43,16 +43,18 @@ def main(argv=None) -> int:
     parser.add_argument("--reduction", type=float, default=0.55)
     parser.add_argument("--instances", type=int, default=10, help="unseen instances, each timed once per model")
     parser.add_argument("--plan-instances", type=int, default=2)
+    parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     bench = _resnet34_latency()
     generator = torch.Generator().manual_seed(1)
 
     def draw(n):
-        return [torch.randn(1, *bench.INPUT, generator=generator) for _ in range(n)]
+        return [torch.randn(1, 3, args.size, args.size, generator=generator) for _ in range(n)]
 
     plan, calibration = draw(args.plan_instances), torch.cat(draw(bench.CALIBRATION))
-    dense, gated, _, _, _ = bench.gated_resnet34(args.reduction, pattern="per_instance", calibration=calibration)
+    dense, gated, _, _, _ = bench.gated_resnet34(args.reduction, pattern="per_instance", calibration=calibration,
+                                                  size=args.size)
     last = torch.channels_last
     reference = fuse_onednn(fold_batchnorm(copy.deepcopy(dense).eval()).to(memory_format=last),
                             plan[0].contiguous(memory_format=last))
@@ -73,6 +75,7 @@ def main(argv=None) -> int:
                 times[name].append((time.thread_time() - start) * 1000)
     ms = {name: statistics.median(t) for name, t in times.items()}
     print(json.dumps({"benchmark": "resnet34_unseen_instances", "keep_pattern": "per_instance", "threads": 1,
+                      "size": args.size,
                       "clock": "cpu", "instances": args.instances, "ms": ms,
                       "latency_ratio": {name: ms[name] / ms["dense"] for name in ("padded_16", "unpadded")},
                       "gathered_blocks": plans, "ms_each": times, "load_average": os.getloadavg(),

@@ -72,7 +72,7 @@ def test_miss_path_times_every_way_of_paying_a_miss_on_the_same_output(capsys, r
 
 def test_unseen_instances_times_padded_and_unpadded_sets(capsys, restore_threads):
     script = _script("unseen_instances")
-    assert script.main(["--instances", "1", "--plan-instances", "1"]) == 0
+    assert script.main(["--instances", "1", "--plan-instances", "1", "--size", "64"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["benchmark"] == "resnet34_unseen_instances" and set(row["ms"]) == {"dense", "padded_16", "unpadded"}
     assert all(len(t) == 1 for t in row["ms_each"].values())  # each unseen instance runs once per model
