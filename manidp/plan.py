@@ -140,9 +140,10 @@ def _check_on_request(ds: str, section: dict) -> None:
     """The augmentation check reuses the default run at its budget; the curve runs entries of ``methods``."""
     aug = section.get("augmentation")
     if aug and not any(aug["budget"] in budgets(section, b) for b in section["backbones"]):
+        listed = ", ".join(map(str, section.get("budgets", [])))
         raise UserError(
             f"config key 'datasets.{ds}.augmentation.budget' is {aug['budget']}: its runs without augmentation "
-            f"are the default run's, so it must be one of the budgets ({', '.join(map(str, section.get('budgets', [])))})"
+            f"are the default run's, so it must be one of the budgets ({listed})"
         )
     for entry in section.get("training_budget", {}).get("methods", []):
         if entry not in section["methods"]:
@@ -377,7 +378,7 @@ class Plan:
         budget = label(curve["budget"])
         default_epochs = self.section(ds).get("finetune", {}).get("train", {}).get("epochs")
         return [
-            (run_dir(ds, b, m, budget, s) if e == default_epochs else f"runs/budget/{ds}/{b}/{m}-b{budget}/e{e}/seed{s}")
+            run_dir(ds, b, m, budget, s) if e == default_epochs else f"runs/budget/{ds}/{b}/{m}-b{budget}/e{e}/seed{s}"
             for b in self.section(ds)["backbones"]
             for m in curve["methods"]
             for e in curve["epochs"]

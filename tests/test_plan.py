@@ -124,3 +124,42 @@ def test_dense_resources_fall_back_to_train_and_evaluate_only_takes_evaluate(tin
     evaluated["datasets"]["digits-c"]["dense"] = {"train": {"epochs": 0}}
     evaluated["datasets"]["digits-c"]["resources"] = {"dense": {"threads": 8}}
     assert Plan(evaluated).resources_of("digits-c", "dense") == {"threads": 8, "gpus": 1, "mem_mb": 200}
+
+
+# The checks test_workflow's BAD_CONFIGS leave out: edit of the tiny config -> what the message names.
+PLAN_MISTAKES = {
+    "ablation-repeats-entry": (lambda d: d.update(ablations={"reference": "l1", "methods": {"l1": {}}}),
+                               "'datasets.digits-c.ablations.methods.l1' repeats an entry"),
+    "sweep-of-no-entry": (lambda d: d.update(tuning={"budget": 0.4, "seeds": [0, 1, 2], "lr": [0.01],
+                                                     "methods": {"fpgm": {"zero_grad": [True]}}}),
+                          "'datasets.digits-c.tuning.methods.fpgm': not an entry"),
+    "sweep-value-not-a-folder": (lambda d: d.update(tuning={"budget": 0.4, "seeds": [0, 1, 2], "lr": [0.01],
+                                                            "methods": {"l1": {"skip_layers": ["a/b"]}}}),
+                                 "the setting 'lr0.01-skip_layersa/b' cannot name a folder"),
+    "augmentation-off-budget": (lambda d: d.update(augmentation={"budget": 0.5, "seeds": [0],
+                                                                 "data": {"augment_shift_px": 2}}),
+                                "'datasets.digits-c.augmentation.budget' is 0.5"),
+    "curve-of-no-entry": (lambda d: d.update(training_budget={"budget": 0.4, "seeds": [0], "epochs": [2],
+                                                              "methods": ["fpgm"]}),
+                          "'datasets.digits-c.training_budget.methods' names 'fpgm'"),
+    "dense-listed": (lambda d: d["methods"].update(base={"method": "dense"}),
+                     "'datasets.digits-c.methods.base.method': 'dense' is the baseline"),
+    "unknown-profile": (lambda d: d.update(hardware_profiles=["gpu"]),
+                        "'datasets.digits-c.hardware_profiles' names 'gpu'; valid profiles: cpu-1t"),
+    "no-budgets": (lambda d: d.pop("budgets"), "'datasets.digits-c.backbones.cifar_resnet20.budgets' is missing"),
+}
+
+
+@pytest.mark.parametrize("name", list(PLAN_MISTAKES))
+def test_plan_mistakes_name_the_key(tiny, name):
+    edit, text = PLAN_MISTAKES[name]
+    edit(tiny["datasets"]["digits-c"])
+    with pytest.raises(UserError) as refused:
+        check_config(tiny, SCHEMA_FILE)
+    assert text in str(refused.value)
+
+
+def test_default_datasets_must_have_a_section(tiny):
+    tiny["default_datasets"] = ["cifar10"]
+    with pytest.raises(UserError, match="'default_datasets' names 'cifar10', which has no section"):
+        check_config(tiny, SCHEMA_FILE)

@@ -218,6 +218,9 @@ def test_imagenet_dry_run_lists_plan_without_data(parse_runs):
     assert job_counts(result.stdout) == IMAGENET_PLAN
     assert "runs/imagenet/resnet34/manidp-b0.47/seed0/metrics.json" in result.stdout
     assert "runs/imagenet/resnet50/fbs-b0.55/seed0/latency_cuda-bf16.json" in result.stdout
+    # The profile leaves instances, repeats and warmup unset: the schema's defaults, filled by validate().
+    flags = "--batch-size 1 --dtype bf16 --instances 32 --repeats 10 --warmup 3 --device cuda --threads 4 "
+    assert flags in result.stdout
     # The dense job only evaluates hub weights: the `evaluate` resources, not the 4-GPU training ones.
     for job in job_blocks(result.stdout, "train_dense"):
         assert re.search(r"resources: .*\bgpu=1, .*mem_mb=32000", job), job
