@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from manidp._files import atomic_write_text
 from manidp.macs import InstanceMacs
 
 __all__ = ["evaluate", "summarize", "spearman"]
@@ -95,6 +96,4 @@ def summarize(table: pd.DataFrame, dense_macs: int, prefix: str = "test",
 
 def write_instances(table: pd.DataFrame, path: Path) -> None:
     columns = [c for c in ("index", "label", "prediction", "loss", "macs", "severity") if c in table]
-    tmp = path.with_suffix(".tmp")
-    table[columns].to_csv(tmp, index=False)
-    tmp.replace(path)
+    atomic_write_text(path, table[columns].to_csv(index=False))

@@ -17,7 +17,8 @@ from manidp import tracking
 from manidp import engine
 from manidp.engine import TrainingDiverged
 from manidp.errors import UserError
-from manidp.tracking import PENDING_FILE, import_run, init_store, log_summary
+from manidp.tracking import PENDING_FILE, import_run, init_store, log_summary, workflow
+from manidp.tracking import store as tracking_store
 
 
 def _client(uri: str):
@@ -71,7 +72,7 @@ def test_sqlite_store_receives_params_metrics_and_tags(tmp_path, data_cache, sto
     assert run.data.tags["backbone"] == "cifar_resnet20" and run.data.tags["seed"] == "0"
     assert run.data.tags["manidp.identity"].startswith("digits-c/cifar_resnet20/dense/bnone/seed0/")
     assert run.data.tags["version.torch"] and run.data.tags["version.manidp"]
-    if (Path(tracking.__file__).parents[1] / ".git").exists():
+    if (Path(tracking.__file__).parents[2] / ".git").exists():
         assert len(run.data.tags["mlflow.source.git.commit"]) == 40
     experiment = _client(uri).get_experiment_by_name("digits-c")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -112,11 +113,11 @@ def test_summary_metrics_name_every_row_of_a_per_seed_table():
     """Keyed without the seed, three seeds' rows would share one name and the last would win."""
     per_seed = pd.DataFrame({"backbone": ["cifar_resnet20"] * 3, "method": ["dense"] * 3, "budget": [None] * 3,
                              "seed": [0, 1, 2], "top1_err": [12.3, 12.26, 12.222]})
-    metrics = tracking._table_metrics(per_seed)
+    metrics = workflow._table_metrics(per_seed)
     assert metrics == {"cifar_resnet20/dense/s0/top1_err": 12.3, "cifar_resnet20/dense/s1/top1_err": 12.26,
                        "cifar_resnet20/dense/s2/top1_err": 12.222}
     ambiguous = per_seed.drop(columns="seed")
-    assert tracking._table_metrics(ambiguous) == {}  # rows it cannot tell apart get no metrics at all
+    assert workflow._table_metrics(ambiguous) == {}  # rows it cannot tell apart get no metrics at all
 
 
 def _parallel_train(out, cache, uri, seed: int) -> list[str]:
@@ -219,7 +220,7 @@ def test_sigterm_closes_the_run_as_killed(tmp_path, data_cache, store):
 
 
 def test_locked_database_is_retried_not_given_up(monkeypatch):
-    monkeypatch.setattr(tracking, "RETRY_DELAYS", (0.01,) * 4)
+    monkeypatch.setattr(tracking_store, "RETRY_DELAYS", (0.01,) * 4)
     calls = []
 
     def flaky():
@@ -228,7 +229,7 @@ def test_locked_database_is_retried_not_given_up(monkeypatch):
             raise RuntimeError("(sqlite3.OperationalError) database is locked")
         return "logged"
 
-    assert tracking._retry(flaky) == "logged" and len(calls) == 3
+    assert tracking_store._retry(flaky) == "logged" and len(calls) == 3
 
     def broken():
         calls.append(1)
@@ -236,7 +237,7 @@ def test_locked_database_is_retried_not_given_up(monkeypatch):
 
     calls.clear()
     with pytest.raises(RuntimeError, match="no such table"):
-        tracking._retry(broken)
+        tracking_store._retry(broken)
     assert len(calls) == 1  # other errors are not retried
 
 

@@ -1,6 +1,6 @@
 """``digits-c``: corrupted handwritten digits, the embedded default benchmark.
 
-Clean 8x8 digits are too easy (a small CNN reaches ~99%) to separate pruning
+Clean 8x8 digits are too easy (a small CNN all but saturates them) to separate pruning
 methods, and they carry no notion of difficulty. digits-c takes the 1,797 real
 digits that ship inside scikit-learn (no download), upsamples them to 16x16 and
 makes several corrupted copies of each, every copy with its own severity 0..4
@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from manidp._files import atomic_save
 from manidp.data._registry import Splits, register_dataset
 from manidp.data._subset import limit_splits
 from manidp.errors import UserError
@@ -135,7 +135,7 @@ def _corrupt(images: torch.Tensor, severity: torch.Tensor, gen: torch.Generator)
 
 def _generate(params: dict) -> dict:
     """Build all digits-c tensors from scratch (deterministic in ``params``)."""
-    from sklearn.datasets import load_digits  # 3 s of import: only when the cache is (re)built
+    from sklearn.datasets import load_digits  # a slow import: only when the cache is (re)built
 
     digits = load_digits()
     clean = torch.tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
@@ -204,21 +204,11 @@ def _read_cache(path: Path, params: dict):
 
 
 def _write_cache(path: Path, data: dict) -> None:
-    """Write ``data`` with its checksum atomically (temp file + rename); warn if the dir is not writable.
-
-    The file gets the mode the umask gives every other file (``open``, not ``mkstemp``'s 0600).
-    """
+    """Write ``data`` with its checksum atomically; warn if the dir is not writable (the cache is optional)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "xb") as f:
-                torch.save({**data, "checksum": _checksum(data)}, f)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    except OSError as exc:
+        atomic_save({**data, "checksum": _checksum(data)}, path)
+    except (OSError, UserError) as exc:
         warnings.warn(f"could not write digits-c cache {path} ({exc}); continuing uncached",
                       stacklevel=3)
 
