@@ -7,9 +7,12 @@ The layering follows Torch-Pruning's, dependencies pointing one way:
   graph and returns :class:`ChannelGroup` records (the convs whose output
   channels must go together, plus every layer whose inputs or outputs shrink
   with them), filtered by a layer-selection mode of :data:`LAYER_MODES`;
-* what to remove: a method's per-filter score (the paper's criterion, written
-  by us, never Torch-Pruning's importances), lowest scores removed
-  (:func:`group_scores`, :func:`select_removed`);
+* what to remove: one score per channel of each group, lowest removed
+  (:func:`select_removed`), through one hook,
+  :meth:`StructuredPruning.channel_scores`: by default a per-filter score of
+  the weights (the paper's criterion, :func:`group_scores`); data-driven
+  scores (activations, gradients; Torch-Pruning's importances among them)
+  override the hook and read a few training batches (:func:`scoring_batches`);
 * how much: :func:`plan_removal` turns the requested MACs reduction into a
   number of channels per group: one ratio for all groups, then single-channel
   corrections, checked on a physically pruned copy through the one MAC counter;
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, ClassVar, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -43,7 +46,8 @@ from manidp.methods import Method, RunContext
 
 __all__ = [
     "ChannelGroup", "LAYER_MODES", "channel_groups", "plan_removal", "group_scores", "select_removed",
-    "remove_channels", "silence_channels", "zero_filters", "zero_filter_grads", "StructuredPruning",
+    "scoring_batches", "tp_groups", "remove_channels", "silence_channels", "zero_filters", "zero_filter_grads",
+    "StructuredPruning",
 ]
 
 FilterScore = Callable[[torch.Tensor], torch.Tensor]  # [C_out, fan_in] -> [C_out]
@@ -244,17 +248,35 @@ def select_removed(scores: Mapping[str, torch.Tensor], counts: Mapping[str, int]
     return {key: sorted(torch.argsort(s, stable=True)[: counts[key]].tolist()) for key, s in scores.items()}
 
 
+def scoring_batches(ctx: RunContext, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``count`` training batches, on the run's device: what data-driven scores read."""
+    if ctx.train_loader is None:
+        raise UserError("this method scores channels on training batches, and the run gives none")
+    for index, (images, targets) in enumerate(ctx.train_loader):
+        if index == count:
+            break
+        yield images.to(ctx.device), targets.to(ctx.device)
+
+
+def tp_groups(model: nn.Module, input_size: Sequence[int], groups: list[ChannelGroup]) -> dict[str, tp.Group]:
+    """Torch-Pruning's group of every channel of each of ``groups``: what its importances score."""
+    graph = _dependency_graph(model, input_size)
+    return {g.key: _pruning_group(graph, model, g.key, range(g.channels)) for g in groups}
+
+
 # ---------------------------------------------------------------- surgery and masks
 def remove_channels(model: nn.Module, input_size: Sequence[int], removed: Mapping[str, Sequence[int]]) -> nn.Module:
     """Physically remove ``removed[key]`` output channels of each group rooted at conv ``key`` (in place)."""
     graph = _dependency_graph(model, input_size)
     for key, idxs in removed.items():
-        if not idxs:
-            continue
-        module = model.get_submodule(key)
-        handler = graph.get_pruner_of_module(module).prune_out_channels
-        graph.get_pruning_group(module, handler, list(idxs)).prune()
+        if idxs:
+            _pruning_group(graph, model, key, idxs).prune()
     return model
+
+
+def _pruning_group(graph: tp.DependencyGraph, model: nn.Module, key: str, idxs: Iterable[int]) -> tp.Group:
+    module = model.get_submodule(key)
+    return graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, list(idxs))
 
 
 def _rows(removed: Sequence[int], device) -> torch.Tensor:
@@ -315,17 +337,22 @@ def zero_filter_grads(model: nn.Module, groups: list[ChannelGroup], removed: Map
 
 # ---------------------------------------------------------------- the method base
 class StructuredPruning(Method):
-    """A static method: score filters, meet the budget on the physically pruned model.
+    """A static method: score channels, meet the budget on the physically pruned model.
 
-    Subclasses give :meth:`filter_scores` (the paper's criterion on one conv's
-    filters, lowest removed) and decide when channels are selected and removed.
-    The removed indices per group are the method's state: :meth:`restore`
-    re-applies that surgery to a fresh backbone without scoring anything.
+    By default it prunes once, before fine-tuning (:meth:`prepare`: plan,
+    select, remove). Subclasses give the scores: :meth:`filter_scores` (a
+    criterion on one conv's filters) or, for data-driven scores, override
+    :meth:`channel_scores`; soft schedules override :meth:`prepare` and select
+    again during training. The removed indices per group are the method's
+    state: :meth:`restore` re-applies that surgery to a fresh backbone
+    without scoring anything.
     """
 
     needs_budget = True
     budget_tolerance = 0.01
     default_options = {"layers": "first_conv", "skip_layers": []}
+    #: :meth:`channel_scores` reads training batches (summed over processes under DDP).
+    data_driven: ClassVar[bool] = False
 
     def __init__(self, options: Optional[dict] = None, budget: Optional[float] = None):
         super().__init__(options, budget)
@@ -349,8 +376,25 @@ class StructuredPruning(Method):
         ctx.log(f"{self.name}: {len(self.groups)} channel groups, {sum(self.counts.values())} channels to remove, "
                 f"{self.planned_reduction:.2%} fewer MACs once removed")
 
-    def select(self, model: nn.Module) -> dict[str, list[int]]:
-        return select_removed(group_scores(model, self.groups, self.filter_scores), self.counts)
+    def channel_scores(self, model: nn.Module, ctx: RunContext) -> dict[str, torch.Tensor]:
+        """The importance hook: per group key, one score per channel (lowest removed).
+
+        Default: :meth:`filter_scores` of the weights, summed over the group's
+        convs. Data-driven scores (:attr:`data_driven`) override this and read
+        :func:`scoring_batches`.
+        """
+        return group_scores(model, self.groups, self.filter_scores)
+
+    def select(self, model: nn.Module, ctx: RunContext) -> dict[str, list[int]]:
+        scores = self.channel_scores(model, ctx)
+        if self.data_driven:  # each process saw other batches: sum, so that all remove the same channels
+            scores = {key: ctx.all_reduce_sum(s.to(ctx.device)).cpu() for key, s in scores.items()}
+        return select_removed(scores, self.counts)
+
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        """Prune once, before fine-tuning: the engine then trains the physically smaller model."""
+        self.plan(model, ctx)
+        return self.remove(model, ctx, self.select(model, ctx))
 
     def remove(self, model: nn.Module, ctx: RunContext, removed: dict[str, list[int]]) -> nn.Module:
         remove_channels(model, ctx.input_size, removed)

@@ -10,10 +10,8 @@ fine-tuned by the shared engine. See ``baselines/README.md`` for the card.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from baselines._structured import StructuredPruning
-from manidp.methods import RunContext
 
 
 class L1Norm(StructuredPruning):
@@ -22,8 +20,3 @@ class L1Norm(StructuredPruning):
     @staticmethod
     def filter_scores(filters: torch.Tensor) -> torch.Tensor:
         return filters.abs().sum(1)
-
-    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        """Prune once, before fine-tuning: the engine then trains the physically smaller model."""
-        self.plan(model, ctx)
-        return self.remove(model, ctx, self.select(model))

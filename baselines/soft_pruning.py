@@ -92,8 +92,8 @@ class SoftFilterPruning(StructuredPruning):
         self.plan(model, ctx)
         return model
 
-    def _zero(self, model: nn.Module) -> dict:
-        self.selection = self.select(model)
+    def _zero(self, model: nn.Module, ctx: RunContext) -> dict:
+        self.selection = self.select(model, ctx)
         zero_filters(model, self.groups, self.selection, self.options["silence_bn"])
         return {"zeroed_filters": sum(len(v) for v in self.selection.values())}
 
@@ -107,7 +107,7 @@ class SoftFilterPruning(StructuredPruning):
         return {"held_filters": sum(len(v) for v in self.selection.values())}
 
     def on_train_start(self, model: nn.Module, ctx: RunContext) -> None:
-        self._zero(model)
+        self._zero(model, ctx)
         if self._soft_epochs(ctx) == 0:
             self._hold(model)
 
@@ -124,7 +124,7 @@ class SoftFilterPruning(StructuredPruning):
     def on_epoch_end(self, model: nn.Module, ctx: RunContext) -> dict:
         if self.held:
             return {}
-        row = self._zero(model)
+        row = self._zero(model, ctx)
         if ctx.epoch + 1 == self._soft_epochs(ctx) < ctx.epochs:
             row.update(self._hold(model))
         return row
@@ -132,7 +132,7 @@ class SoftFilterPruning(StructuredPruning):
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """Remove the selection zeroed last: re-scoring zeroed filters would favour other ones (FPGM)."""
         if self.selection is None:
-            self._zero(model)
+            self._zero(model, ctx)
         masked = self.validation_top1(model, ctx) if ctx.val_loader is not None else None
         model = self.remove(model, ctx, self.selection)
         if masked is not None:
