@@ -11,7 +11,7 @@ import yaml
 
 from manidp.errors import UserError
 from manidp.plan import Plan, check_config, label, profile_defaults, profile_flags, run_dir
-from test_workflow import DEFAULT_CONFIG, DEFAULT_PLAN, SCHEMA_FILE, TINY_CONFIG
+from test_workflow import BAD_CONFIGS, DEFAULT_CONFIG, DEFAULT_PLAN, SCHEMA_FILE, TINY_CONFIG, _broken_config
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,15 @@ def _sets(args: list[str]) -> dict[str, str]:
     """``--set key=value`` pairs of an argument list, as the shell would pass them."""
     words = shlex.split(" ".join(args))
     return dict(words[i + 1].split("=", 1) for i, word in enumerate(words) if word == "--set")
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_bad_config_is_refused_naming_key_and_valid_values(name):
+    """check_config is what the workflow runs on its config before it plans anything."""
+    with pytest.raises(UserError) as refused:
+        check_config(_broken_config(BAD_CONFIGS[name][0]), SCHEMA_FILE)
+    for text in BAD_CONFIGS[name][1]:
+        assert text in str(refused.value), f"{text!r} not in: {refused.value}"
 
 
 @pytest.mark.parametrize("path", [DEFAULT_CONFIG, TINY_CONFIG])
