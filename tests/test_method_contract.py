@@ -11,6 +11,7 @@ masked model does. In-process and small, so the whole file stays fast;
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import subprocess
 import sys
@@ -46,13 +47,23 @@ def _budget(name: str):
     return BUDGET if METHODS.get(name).needs_budget else None
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: a second thread only waits on the first (and spins on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
 def _run(name: str):
-    """Prepare, one training step, the epoch's end and finalize, as the engine calls them."""
+    """Prepare, one training step, the epoch's end and finalize, as the engine calls them (once per method)."""
     model = _backbone()
     dense = count_macs(model, INPUT)
     config = {"train": {"label_smoothing": 0.0, "lr": 0.01}}
     ctx = RunContext(config=config, device=torch.device("cpu"), input_size=INPUT, num_classes=10, dense_macs=dense,
-                     epochs=1, steps_per_epoch=2, train_loader=_batches(1, 2), val_loader=_batches(2, 4),
+                     epochs=1, steps_per_epoch=2, train_loader=_batches(1, 2), val_loader=_batches(2, 3),
                      autocast=contextlib.nullcontext, log=lambda message: None)
     method = METHODS.get(name)({}, _budget(name))
     model = method.prepare(model, ctx)
@@ -72,11 +83,6 @@ def _run(name: str):
     return model, method, ctx
 
 
-@pytest.fixture(scope="module")
-def runs():
-    return {name: _run(name) for name in NAMES}
-
-
 @torch.no_grad()
 def _test_reduction(model, method, ctx) -> float:
     """Mean MACs reduction per instance on data the method never saw (static: the model's own count)."""
@@ -90,8 +96,8 @@ def _test_reduction(model, method, ctx) -> float:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_budget_is_met(name, runs):
-    model, method, ctx = runs[name]
+def test_budget_is_met(name):
+    model, method, ctx = _run(name)
     if method.budget is None:
         assert _test_reduction(model, method, ctx) == 0
     else:
@@ -100,8 +106,8 @@ def test_budget_is_met(name, runs):
 
 @pytest.mark.parametrize("name", [n for n in NAMES if METHODS.get(n).dynamic])
 @torch.no_grad()
-def test_deployed_model_equals_the_masked_one(name, runs):
-    model, method, _ = runs[name]
+def test_deployed_model_equals_the_masked_one(name):
+    model, method, _ = _run(name)
     deployed = method.deploy(model).eval()
     for images, _ in _batches(4, 1, size=4):
         for image in images:  # the deployed form serves one instance at a time
@@ -112,6 +118,7 @@ def test_deployed_model_equals_the_masked_one(name, runs):
 _RELOAD = """
 import json, sys, torch
 from manidp.engine import load_model
+torch.set_num_threads(1)
 inputs = torch.load(sys.argv[1])
 out = {}
 for path in sys.argv[2:]:
@@ -123,13 +130,14 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def reloaded(runs, tmp_path_factory):
+def reloaded(tmp_path_factory):
     """Every method's saved model, reloaded in one fresh process: its outputs on a fixed batch."""
     folder = tmp_path_factory.mktemp("contract")
     inputs = _batches(5, 1, size=8)[0][0]
     torch.save(inputs, folder / "inputs.pt")
     paths, expected = [], {}
-    for name, (model, method, ctx) in runs.items():
+    for name in NAMES:
+        model, method, ctx = _run(name)
         cfg = {"method": name, "method_options": method.options, "budget": _budget(name), "backbone": BACKBONE,
                **ctx.config}
         torch.save({"format": MODEL_FORMAT, "config": cfg, "model": model.state_dict(),
