@@ -201,7 +201,7 @@ def test_a_dying_mlflow_server_costs_seconds_and_stays_out_of_training_time(tmp_
     uri, server = mlflow_server_process
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}  # our bounds apply
-    proc = subprocess.Popen(manidp_cli("train", *_flags(data_cache, out, "--epochs", "20", "--set",
+    proc = subprocess.Popen(manidp_cli("train", *_flags(data_cache, out, "--epochs", "8", "--set",
                                                        "tracking.enabled=true", "--set", f"tracking.uri={uri}")),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 180
@@ -215,14 +215,13 @@ def test_a_dying_mlflow_server_costs_seconds_and_stays_out_of_training_time(tmp_
     assert time.time() - killed < 60, "MLflow's retries stalled the run"
     metrics = json.loads((out / "metrics.json").read_text())
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    assert len(history) == 20 and (out / tracking.PENDING_FILE).is_file() and "NOT in the MLflow store" in err
+    assert len(history) == 8 and (out / tracking.PENDING_FILE).is_file() and "NOT in the MLflow store" in err
     assert metrics["wall_time_s"] < sum(h["time_s"] for h in history) + 10
 
 
 def test_http_stores_get_bounded_retries_unless_the_user_set_them(monkeypatch):
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "77")
-    monkeypatch.setattr(tracking, "_check_reachable", lambda uri: None)
     tracking._client("http://127.0.0.1:9")
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_RETRY_DEFAULTS[
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
