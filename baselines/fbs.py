@@ -9,7 +9,7 @@ channels of the next conv. Loss: CE + ``l1_weight`` * sum over gates of
 ||g||_1 (per instance, averaged over the batch).
 
 The gates sit where ManiDP's do and use the same machinery
-(``manidp/gating.py``): in a BasicBlock gate 1 reads the block input and masks
+(``manidp/gating/``): in a BasicBlock gate 1 reads the block input and masks
 conv1's output (so conv2 reads only the kept channels), gate 2 reads that and
 masks conv2's output before the residual add; Bottleneck and inverted residual
 blocks as documented there. Per-instance MACs come from the masks each

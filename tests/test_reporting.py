@@ -532,3 +532,24 @@ def test_paper_layout_latex_compiles(imagenet_table, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
     assert "Overfull \\hbox" not in done.stdout  # fits a two-column page's width
+
+
+@pytest.mark.parametrize("dataset,backbone,method,budget_pct,paper_method", [
+    ("cifar10", "cifar_resnet56", "hrank", 52.0, "HRank"),
+    ("imagenet", "resnet34", "taylor", 24.0, "Taylor"),
+])
+def test_taylor_and_hrank_rows_sit_beside_the_papers(dataset, backbone, method, budget_pct, paper_method):
+    """At the budgets config/config.yaml gives them, our Taylor and HRank rows take the paper's rows."""
+    import pandas as pd
+
+    from manidp.reporting.paper import attach_reported, reported_rows
+
+    budgets = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())[
+        "datasets"][dataset]["backbones"][backbone]["budgets"]
+    assert budget_pct / 100 in budgets
+    ours = pd.DataFrame([{"dataset": dataset, "backbone": backbone, "method": method, "budget_pct": budget_pct,
+                          "top1_gap": 0.5, "macs_reduction_pct": budget_pct, "source": "ours", "dynamic": "static"}])
+    table = attach_reported(ours, reported_rows(dataset, [backbone]))
+    row = table[table["source"] == "ours"].iloc[0]
+    assert row["paper_method"] == paper_method
+    assert paper_method not in set(table.loc[table["source"] == "reported", "method"])

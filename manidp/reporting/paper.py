@@ -13,7 +13,8 @@ __all__ = ["PAPER_NAMES", "PAPER_TOLERANCE_PCT", "reported_rows", "attach_report
 
 #: Our configured method name -> the paper's names for the same method (Tables 1 and 4).
 PAPER_NAMES = {"dense": ("Baseline",), "manidp": ("ManiDP", "ManiDP-A", "ManiDP-B"), "fpgm": ("FPGM",),
-               "sfp": ("SFP",), "channel_gating": ("CGNet",), "fbs": ("FBS",)}
+               "sfp": ("SFP",), "channel_gating": ("CGNet",), "fbs": ("FBS",), "taylor": ("Taylor",),
+               "hrank": ("HRank",)}
 #: A paper row sits on our row when its FLOPs reduction is within this many points of our budget.
 PAPER_TOLERANCE_PCT = 5.0
 _PAPER_TABLES = "reference/paper_tables.csv"
