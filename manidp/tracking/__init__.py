@@ -19,7 +19,7 @@ from manidp.tracking.identity import IDENTITY_TAG, find_result_runs, flatten, id
 from manidp.tracking.runs import (CONSTANTS, PENDING_FILE, STATE_FILE, MlflowObserver, RunTracker, abort_open_runs,
                                   import_run, pending)
 from manidp.tracking.store import HTTP_RETRY_DEFAULTS, init_store, resolve_uri
-from manidp.tracking.store import _check_reachable, _client  # noqa: F401  (tests call and replace these)
+from manidp.tracking.store import _client  # noqa: F401  (test_safety calls it)
 from manidp.tracking.workflow import log_summary, parent_run
 
 __all__ = ["resolve_uri", "init_store", "RunTracker", "MlflowObserver", "import_run", "pending", "identity_tags",
