@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from manidp import kernels
+from manidp._defaults import DTYPE_NAMES
 from manidp.errors import UserError
 from manidp.gating import (DEFAULT_SLICE_CACHE_MB, cast_deployed, compile_deployed, deployed_blocks, fold_batchnorm,
                            fuse_onednn, gated_layers, plan_deployment, set_slice_cache_limit, slice_cache,
@@ -41,7 +42,7 @@ __all__ = ["measure_latency", "hardware_profile", "device_unavailable", "device_
            "optimized_dense", "inductor_compile", "prepare_deployed", "time_side_by_side", "distinct_kept_sets",
            "InMemoryFormat", "MEMORY_FORMATS"]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16)))
 
 
 def device_unavailable(device: str) -> Optional[str]:
@@ -228,9 +229,11 @@ def optimized_dense(model: nn.Module, inputs: Sequence[torch.Tensor], repeats: i
             fuse_onednn(copy.deepcopy(folded).to(memory_format=torch.channels_last), example), "channels_last")
     except UserError as err:
         dropped["onednn/channels_last"] = str(err)
-    if inductor and not example.is_cpu:
+    if not inductor:  # the JSON says why the candidate is missing, not only that it is
+        dropped["inductor/channels_last"] = "left out by the hardware profile (inductor: false / --no-inductor)"
+    elif not example.is_cpu:
         dropped["inductor/channels_last"] = "timed on the CPU only"
-    elif inductor:
+    else:
         try:
             compiled, compile_s["inductor/channels_last"] = inductor_compile(
                 copy.deepcopy(folded).to(memory_format=torch.channels_last), example)

@@ -271,7 +271,14 @@ def profile_defaults(schema_file: Path) -> dict:
 def profile_flags(profile: dict, defaulted: list[str]) -> str:
     """A hardware profile as ``manidp latency`` flags: the keys the schema defaults first, in its order."""
     keys = [*defaulted, *(key for key in profile if key not in defaulted)]
-    return " ".join(f"--{key.replace('_', '-')} {profile[key]}" for key in keys)
+    return " ".join(_flag(key, profile[key]) for key in keys)
+
+
+def _flag(key: str, value) -> str:
+    option = key.replace("_", "-")
+    if isinstance(value, bool):  # a switch: --inductor / --no-inductor
+        return f"--{option}" if value else f"--no-{option}"
+    return f"--{option} {value}"
 
 
 # ----------------------------------------------------------------- one config's plan

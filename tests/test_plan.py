@@ -67,6 +67,17 @@ def test_profile_flags_put_defaulted_keys_first():
         "--batch-size 1 --warmup 2 --device cpu --threads 2 --slice-cache-mb 64")
 
 
+@pytest.mark.parametrize("value, flag", [(False, "--no-inductor"), (True, "--inductor")])
+def test_profile_switches_become_both_forms_of_the_flag(value, flag):
+    """A boolean key is a switch: `manidp latency` takes --inductor / --no-inductor, not '--inductor False'."""
+    from manidp.cli import build_parser
+
+    flags = profile_flags({"device": "cpu", "threads": 1, "inductor": value}, [])
+    assert flags == f"--device cpu --threads 1 {flag}"
+    args = build_parser().parse_args(["latency", "RUN", *flags.split()])
+    assert args.inductor is value
+
+
 @pytest.mark.parametrize("value, text", [(0.4, "0.4"), (5e-05, "5e-05"), (True, "true"), (3, "3"),
                                          ([], "none"), ([1, 0.5], "1+0.5"), ("a", "a")])
 def test_label(value, text):

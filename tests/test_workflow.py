@@ -356,6 +356,14 @@ def test_tiny_run_table(tiny_run):
     _check_table(tiny_run, TINY_FINETUNE_EPOCHS)
 
 
+def test_profile_switch_reaches_the_latency_report(tiny_run):
+    """The tiny profile's `inductor: false` becomes --no-inductor, and the report says why the candidate is absent."""
+    report = json.loads((tiny_run / TINY_METHOD / "latency_cpu-1t.json").read_text())
+    reference = report["dense_reference"]
+    assert "inductor/channels_last" not in reference["candidates_ms"]
+    assert "hardware profile" in reference["dropped"]["inductor/channels_last"]
+
+
 def test_tiny_run_per_seed_table(tiny_run):
     per_seed = pd.read_csv(tiny_run / "results/digits-c_per_seed.csv")
     assert sorted(per_seed["method"]) == ["dense", "l1"] and set(per_seed["seed"]) == {0}

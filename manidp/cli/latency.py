@@ -1,14 +1,14 @@
 """The command that times deployed models: ``latency``."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 from manidp._files import atomic_write_text
 from manidp.cli._command import Command
 from manidp.errors import UserError
-from manidp.gating import DEFAULT_SLICE_CACHE_MB
-from manidp.latency import DTYPES, latency_report
+from manidp._defaults import DEFAULT_SLICE_CACHE_MB, DTYPE_NAMES
 
 __all__ = ["COMMANDS"]
 
@@ -19,15 +19,15 @@ def _add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
     p.add_argument("--instances", type=int, default=32, help="first N test instances (default 32)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--plan-instances", type=int, default=8,
                    help="first N validation instances the deployed form is planned and warmed on (default 8)")
-    p.add_argument("--no-inductor", dest="inductor", action="store_false",
-                   help="leave torch.compile (Inductor) out of the dense reference's candidates (it compiles "
-                        "for seconds to a minute)")
+    p.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=True,
+                   help="try torch.compile (Inductor, with freezing) as a dense-reference candidate on the CPU; "
+                        "--no-inductor leaves it out (it compiles for seconds to a minute)")
     p.add_argument("--dense", help="dense run folder whose weights the dense model uses")
     p.add_argument("--slice-cache-mb", type=float, default=DEFAULT_SLICE_CACHE_MB,
                    help=f"memory cap of the deployed form's weight-slice cache (default {DEFAULT_SLICE_CACHE_MB:g})")
@@ -54,6 +54,8 @@ def _run(args) -> int:
     for run_dir in args.run_dir:
         if not (Path(run_dir) / "model.pt").is_file():
             raise UserError(f"{run_dir}/model.pt not found: give finished run folders (manidp train writes them)")
+    from manidp.latency import latency_report  # torch, timm and the gated blocks: only when timing
+
     dense_cache: dict = {}  # one dense model and reference for every run timed against it
     for run_dir in args.run_dir:
         report = latency_report(run_dir, args.device, args.threads, args.batch_size, args.dtype, args.instances,

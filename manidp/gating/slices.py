@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from manidp._defaults import DEFAULT_SLICE_CACHE_MB
 from manidp.errors import UserError
 
 __all__ = ["SliceCache", "DEFAULT_SLICE_CACHE_MB"]
@@ -180,5 +181,3 @@ class _PackedConvs(dict):
         return _PackedConvs()
 
 
-#: Default memory cap of a deployed model's slice cache.
-DEFAULT_SLICE_CACHE_MB = 256.0
