@@ -15,6 +15,7 @@ status polling overlap the local tests.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -437,13 +438,15 @@ def test_an_unavailable_latency_is_measured_when_the_device_appears(tiny_run, ca
     target = f"{TINY_METHOD}/latency_cuda-bf16.json"
     snakemake(tiny_run, target, "--configfile", str(overlay), env=cache_env)
     assert json.loads((tiny_run / target).read_text())["status"] == "unavailable"
-    again = snakemake(tiny_run, target, "-n", "--configfile", str(overlay), env=cache_env)
-    assert "Nothing to be done" in again.stdout + again.stderr
     fake = tmp_path / "fake_cuda"
     fake.mkdir()
     (fake / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
     env = {**cache_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(fake), cache_env.get("PYTHONPATH")]))}
-    appeared = snakemake(tiny_run, target, "-n", "--configfile", str(overlay), env=env)
+    # Two dry runs (they take no lock and write nothing), side by side: here, and where the device appeared.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        again, appeared = pool.map(lambda e: snakemake(tiny_run, target, "-n", "--configfile", str(overlay), env=e),
+                                   (cache_env, env))
+    assert "Nothing to be done" in again.stdout + again.stderr
     assert "before: 'absent' now: 'present'" in appeared.stdout + appeared.stderr, appeared.stdout[-3000:]
 
 
