@@ -13,7 +13,13 @@ timed in one process, interleaved, on the first ``--instances`` test images:
   own gate) and a multiply;
 * ``compiled_gate``: each gate and its mask multiply as one compiled op
   (``torch.ops.manidp.gate_scale_``, :mod:`manidp.kernels`), the form
-  ``manidp latency`` times where the op could be built.
+  ``manidp latency`` times where the op could be built;
+* ``inductor_gate`` (unless ``--no-inductor``): the ``aten_gate`` model
+  compiled whole by ``torch.compile`` (Inductor, freezing on), the field's
+  compiler in place of the hand-written op (issue 18, item 5). Its compile
+  time is measured cold (an empty Inductor cache, a folder of this process's
+  own) and warm (the same model compiled again after ``torch._dynamo.reset()``,
+  what a second latency job on the machine pays).
 
 The ATen forms must agree bit for bit (checked); the compiled one to fp32
 rounding (its relative error is printed). Output: one JSON object per run
@@ -27,6 +33,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -37,7 +44,7 @@ from manidp.data import build_dataset
 from manidp.engine import load_model
 from manidp.errors import UserError
 from manidp.gating import deployed_blocks
-from manidp.latency import measure_latency, optimized_dense, prepare_deployed
+from manidp.latency import inductor_compile, measure_latency, optimized_dense, prepare_deployed
 from manidp.methods.manidp import SaliencyGate
 
 
@@ -51,6 +58,19 @@ def _deployed(method, model, planning, info, form: str):
         for block in deployed_blocks(deployed).values():
             block.use_kernels = False  # the ATen gate and a multiply
     return prepare_deployed(deployed, planning, info["memory_format"], info["mode"])[0]
+
+
+def _inductor_form(method, model, planning, info) -> tuple[object, dict]:
+    """The ATen-gate deployed model compiled whole by Inductor: the callable and its compile times (s)."""
+    eager = _deployed(method, model, planning, info, "aten_gate")
+    example = planning[0].clone()
+    with tempfile.TemporaryDirectory(prefix="inductor-cold-") as cache, \
+            mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": cache}):
+        torch._dynamo.reset()
+        compiled, cold = inductor_compile(eager, example)
+        torch._dynamo.reset()
+        compiled, warm = inductor_compile(eager, example)
+    return compiled, {"cold": cold, "warm": warm}
 
 
 def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,6 +93,12 @@ def compare(run: Path, instances: int, repeats: int, dense_dir: Path | None = No
     reference, info = optimized_dense(dense, inputs, inductor=inductor)
     names = (("training_gate",) if cfg["method"] == "manidp" else ()) + ("aten_gate", "compiled_gate")
     forms = {name: _deployed(method, model, planning, info, name) for name in names}
+    compile_s = {}
+    if inductor:
+        try:
+            forms["inductor_gate"], compile_s = _inductor_form(method, model, planning, info)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: the row is absent, the reason printed
+            compile_s = {"failed": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"}
     with torch.inference_mode():
         outputs = {name: torch.cat([f(x.clone()) for x in inputs]) for name, f in forms.items()}
     times = measure_latency({"dense": reference, **forms}, inputs, warmup=3, repeats=repeats)
@@ -81,7 +107,10 @@ def compare(run: Path, instances: int, repeats: int, dense_dir: Path | None = No
               "dense_reference": info, "median_ms": ms, "load_average": os.getloadavg(),
               "speed_vs_dense": {name: ms["dense"] / ms[name] for name in forms},
               "compiled_rel_error": _rel_error(outputs["compiled_gate"], outputs["aten_gate"]),
+              "inductor_compile_s": compile_s,
               "gate_kernel": kernels.status()}
+    if "inductor_gate" in outputs:
+        result["inductor_rel_error"] = _rel_error(outputs["inductor_gate"], outputs["aten_gate"])
     if "training_gate" in outputs:
         result["aten_forms_identical"] = bool(torch.equal(outputs["training_gate"], outputs["aten_gate"]))
     return result
@@ -95,7 +124,8 @@ def main(argv=None) -> None:
     p.add_argument("--instances", type=int, default=16)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--no-inductor", dest="inductor", action="store_false",
-                   help="leave torch.compile (Inductor) out of the dense reference's candidates")
+                   help="leave torch.compile (Inductor) out: of the dense reference's candidates and of the "
+                        "gate forms (no inductor_gate row)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:

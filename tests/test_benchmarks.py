@@ -95,6 +95,27 @@ def test_digits_c_gates_compares_the_gate_forms(tmp_path_factory, data_cache, de
     assert result["gate_kernel"].startswith("compiled")
 
 
+def test_digits_c_gates_adds_the_inductor_form_with_cold_and_warm_compile_times(tmp_path_factory, data_cache,
+                                                                                dense_run, restore_threads):
+    """The Inductor row's wiring; the compiler itself is stood in for (a real compile costs the suite seconds
+    per model; `python benchmarks/digits_c_gates.py RUN` runs it)."""
+    run = trained_manidp_run(tmp_path_factory, data_cache, dense_run)
+    script = _script("digits_c_gates")
+    compiles = []
+
+    def stand_in(model, example):
+        compiles.append(model)
+        return model, 0.5 * len(compiles)
+
+    real_reference = script.optimized_dense
+    script.inductor_compile = stand_in
+    script.optimized_dense = lambda dense, inputs, inductor: real_reference(dense, inputs, inductor=False)
+    result = script.compare(run, instances=2, repeats=1, dense_dir=dense_run, inductor=True)
+    assert set(result["speed_vs_dense"]) == {"training_gate", "aten_gate", "compiled_gate", "inductor_gate"}
+    assert result["inductor_compile_s"] == {"cold": 0.5, "warm": 1.0} and len(compiles) == 2
+    assert result["inductor_rel_error"] == 0  # the stand-in runs the ATen-gate model itself
+
+
 def test_digits_c_gates_refuses_a_folder_without_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit, match="needs model.pt and a finished dense run"):
         _script("digits_c_gates").main([str(tmp_path)])
