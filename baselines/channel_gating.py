@@ -121,6 +121,7 @@ def _gateable(model: nn.Module, partitions: int) -> list[str]:
 
 class ChannelGating(GatedMethod):
     name = "channel_gating"
+    paper_names = ("CGNet",)
     title = "CGNet-style channel gating (budget-calibrated)"
     budget_tolerance = 0.03
     default_options = {

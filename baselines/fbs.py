@@ -76,6 +76,7 @@ class SaliencyPredictor(nn.Module):
 
 class FBS(GatedMethod):
     name = "fbs"
+    paper_names = ("FBS",)
     budget_tolerance = 0.03
     default_options = {
         "l1_weight": 1.0e-8,  # lambda of the L1 penalty on the saliencies (the paper's value)

@@ -21,6 +21,7 @@ from manidp.methods import RunContext
 
 class HRank(StructuredPruning):
     name = "hrank"
+    paper_names = ("HRank",)
     data_driven = True
     default_options = {**StructuredPruning.default_options, "layers": "auto",
                        "batches": 5}  # training batches whose feature maps are ranked (the authors': 5 of 128)

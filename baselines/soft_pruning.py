@@ -158,6 +158,7 @@ class SoftFilterPruning(StructuredPruning):
 
 class FPGM(SoftFilterPruning):
     name = "fpgm"
+    paper_names = ("FPGM",)
     variants = {True: "FPGM authors' code: zero the selected filters and their gradients",
                 False: "FPGM paper: zero the selected filters, gradients kept"}
 
@@ -168,6 +169,7 @@ class FPGM(SoftFilterPruning):
 
 class SFP(SoftFilterPruning):
     name = "sfp"
+    paper_names = ("SFP",)
     default_options = {**SoftFilterPruning.default_options, "zero_grad": False}
     variants = {False: "SFP authors' code: zero the selected filters, gradients not masked",
                 True: "departure: zero the selected filters and their gradients (as FPGM's code)"}

@@ -22,6 +22,7 @@ from manidp.methods import RunContext
 
 class Taylor(StructuredPruning):
     name = "taylor"
+    paper_names = ("Taylor",)
     data_driven = True
     default_options = {**StructuredPruning.default_options, "layers": "auto",
                        "batches": 10,  # mini-batches whose importances are summed (ranks as their mean)

@@ -99,6 +99,9 @@ class Method:
     #: What tables call the method when its registered name alone would overclaim (e.g. a partial
     #: reproduction); recorded in method_info and shown in the table notes.
     title: ClassVar[Optional[str]] = None
+    #: The names the paper's tables (1 and 4) give this method, so that its rows sit beside ours in the
+    #: tables; empty for a method the paper does not report.
+    paper_names: ClassVar[tuple[str, ...]] = ()
     #: Option names and defaults; unknown options are refused.
     default_options: ClassVar[dict] = {}
     #: DDP must look for parameters without gradients (gates skipped at some steps).

@@ -8,3 +8,4 @@ from manidp.methods._base import Method
 
 class Dense(Method):
     name = "dense"
+    paper_names = ("Baseline",)

@@ -1,8 +1,9 @@
 """The paper's reported rows (Tables 1 and 4) and their place beside ours."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import resources
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from manidp.reporting.summary import summarize_runs
 
@@ -11,10 +12,31 @@ if TYPE_CHECKING:
 
 __all__ = ["PAPER_NAMES", "PAPER_TOLERANCE_PCT", "reported_rows", "attach_reported", "build_table"]
 
-#: Our configured method name -> the paper's names for the same method (Tables 1 and 4).
-PAPER_NAMES = {"dense": ("Baseline",), "manidp": ("ManiDP", "ManiDP-A", "ManiDP-B"), "fpgm": ("FPGM",),
-               "sfp": ("SFP",), "channel_gating": ("CGNet",), "fbs": ("FBS",), "taylor": ("Taylor",),
-               "hrank": ("HRank",)}
+
+def _registered_paper_names() -> dict[str, tuple[str, ...]]:
+    """Each registered method's ``paper_names`` (the method carries the fact, so adding one never edits
+    reporting). Loaded on use, not on import: the methods import torch, which the CLI's start must not."""
+    from manidp.methods import METHODS, load_all
+
+    load_all()
+    return {name: METHODS.get(name).paper_names for name in METHODS if METHODS.get(name).paper_names}
+
+
+class _RegisteredPaperNames(Mapping):
+    """A read-only view of :func:`_registered_paper_names`, current at every use."""
+
+    def __getitem__(self, method: str) -> tuple[str, ...]:
+        return _registered_paper_names()[method]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_registered_paper_names())
+
+    def __len__(self) -> int:
+        return len(_registered_paper_names())
+
+
+#: Our registered method name -> the paper's names for the same method (Tables 1 and 4).
+PAPER_NAMES: Mapping[str, tuple[str, ...]] = _RegisteredPaperNames()
 #: A paper row sits on our row when its FLOPs reduction is within this many points of our budget.
 PAPER_TOLERANCE_PCT = 5.0
 _PAPER_TABLES = "reference/paper_tables.csv"
@@ -39,7 +61,7 @@ def reported_rows(dataset: str, backbones: Iterable[str]) -> "pd.DataFrame":
     paper = pd.read_csv(resources.files("manidp").joinpath(_PAPER_TABLES).open())
     ours = {_canonical_backbone(b): b for b in backbones}
     paper = paper[(paper["dataset"] == dataset) & paper["backbone"].isin(ours)].reset_index(drop=True)
-    baseline = paper[paper["method"].isin(PAPER_NAMES["dense"])].set_index(["table", "backbone"])
+    baseline = paper[paper["method"].isin(_registered_paper_names()["dense"])].set_index(["table", "backbone"])
     where = pd.MultiIndex.from_frame(paper[["table", "backbone"]])
     return pd.DataFrame({
         "dataset": dataset,
@@ -59,7 +81,7 @@ def attach_reported(ours: "pd.DataFrame", reported: "pd.DataFrame",
                     tolerance_pct: float = PAPER_TOLERANCE_PCT) -> "pd.DataFrame":
     """Our rows with the paper's row of the same method and operating point beside each; then the rest.
 
-    A paper row matches one of ours when it is the same method (``PAPER_NAMES``)
+    A paper row matches one of ours when it is the same method (its ``paper_names``)
     on the same backbone and its FLOPs reduction lies within ``tolerance_pct``
     points of our budget (0 for dense); the closest pairs are taken first, each
     row used once. Unmatched paper rows follow our rows of their backbone,
@@ -67,11 +89,11 @@ def attach_reported(ours: "pd.DataFrame", reported: "pd.DataFrame",
     """
     import pandas as pd
 
-    pairs = []
+    names, pairs = _registered_paper_names(), []
     for i, row in ours.iterrows():
         point = 0.0 if pd.isna(row["budget_pct"]) else row["budget_pct"]
         for j, paper in reported.iterrows():
-            if paper["backbone"] == row["backbone"] and paper["paper_method"] in PAPER_NAMES.get(row["method"], ()):
+            if paper["backbone"] == row["backbone"] and paper["paper_method"] in names.get(row["method"], ()):
                 distance = abs(paper["paper_macs_reduction_pct"] - point)
                 if distance <= tolerance_pct + 1e-9:
                     pairs.append((distance, i, j))

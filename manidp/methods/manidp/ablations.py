@@ -10,6 +10,7 @@ class ManiDPNoManifold(ManiDP):
     """Ablation: no manifold alignment term (eta = 0)."""
 
     name = "manidp_no_manifold"
+    paper_names = ()  # a variant of ours: only ``manidp`` sits on the paper's ManiDP rows
     default_options = {**ManiDP.default_options, "eta": 0.0}
 
 
@@ -17,6 +18,7 @@ class ManiDPNoComplexity(ManiDP):
     """Ablation: no complexity weighting (beta = 1 for every instance)."""
 
     name = "manidp_no_complexity"
+    paper_names = ()  # a variant of ours: only ``manidp`` sits on the paper's ManiDP rows
     default_options = {**ManiDP.default_options, "no_complexity": True}
 
 
@@ -29,6 +31,7 @@ class ManiDPAuthors(ManiDP):
     """
 
     name = "manidp_authors"
+    paper_names = ()  # a variant of ours: only ``manidp`` sits on the paper's ManiDP rows
     default_options = {**ManiDP.default_options, "threshold_rule": "mean_rank", "gate_lr_scale": 1.0,
                        "detach_beta": False}
 
@@ -37,4 +40,5 @@ class ManiDPPlain(ManiDP):
     """Ablation: plain dynamic gating with a uniform sparsity penalty (eta = 0, beta = 1)."""
 
     name = "manidp_plain"
+    paper_names = ()  # a variant of ours: only ``manidp`` sits on the paper's ManiDP rows
     default_options = {**ManiDP.default_options, "eta": 0.0, "no_complexity": True}

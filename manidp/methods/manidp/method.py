@@ -28,6 +28,7 @@ class _StopForward(Exception):
 
 class ManiDP(GatedMethod):
     name = "manidp"
+    paper_names = ("ManiDP", "ManiDP-A", "ManiDP-B")
     budget_tolerance = 0.02
     default_options = {
         "lam": 0.1,
