@@ -23,10 +23,11 @@ from typing import Any, Callable, Iterable, Optional
 import yaml
 
 from manidp.errors import UserError
+from manidp.runid import RunId
 
 __all__ = ["defaults", "recipes", "resolve", "validate", "check_runnable", "load_yaml", "yaml_load",
            "yaml12_numbers", "parse_assignment", "comparable", "config_hash", "config_differences",
-           "finished_run", "check_out_folder", "check_run_folder", "can_write_in", "default_out_dir"]
+           "finished_run", "check_out_folder", "check_run_folder", "can_write_in", "run_id", "default_out_dir"]
 
 
 # ----------------------------------------------------------------- YAML 1.2 numbers
@@ -235,7 +236,7 @@ def _mapping(value) -> Optional[str]:
 
 
 _RULES: dict[str, Rule] = {
-    "dataset": _text(), "backbone": _text(), "method": _text(),
+    "dataset": _text(), "backbone": _text(), "method": _text(), "entry": _text(nullable=True),
     "method_options": _mapping,
     "budget": _number(0, 1, high_open=True, nullable=True, what="a requested MACs reduction in [0, 1)"),
     "seed": _number(0, integer=True),
@@ -396,8 +397,9 @@ def check_runnable(cfg: dict) -> dict:
 
 # ----------------------------------------------------------------- result identity
 def comparable(cfg: dict) -> dict:
-    """The config keys that determine a result: everything but where it goes and how it runs."""
-    return {k: v for k, v in cfg.items() if k not in ("out", "tracking", "runtime")}
+    """The config keys that determine a result: everything but where it goes, how it runs and the entry
+    that names it (so a run keeps its hash whatever entry, or none, it was trained under)."""
+    return {k: v for k, v in cfg.items() if k not in ("out", "tracking", "runtime", "entry")}
 
 
 def config_hash(cfg: dict) -> str:
@@ -487,6 +489,12 @@ def check_run_folder(out: Path, cfg: dict, force: bool = False) -> Optional[str]
     return "finished" if finished else None
 
 
+def run_id(cfg: dict) -> RunId:
+    """The identity of the run ``cfg`` describes; its entry is the method's name unless the config names one
+    (configs saved before the ``entry`` key existed have none)."""
+    return RunId(dataset=cfg["dataset"], backbone=cfg["backbone"], entry=cfg.get("entry") or cfg["method"],
+                 method=cfg["method"], budget=cfg["budget"], seed=cfg["seed"], config_hash=config_hash(cfg))
+
+
 def default_out_dir(cfg: dict) -> Path:
-    method = cfg["method"] if cfg["budget"] is None else f"{cfg['method']}-b{cfg['budget']:g}"
-    return Path("runs") / cfg["dataset"] / cfg["backbone"] / method / f"seed{cfg['seed']}"
+    return Path(run_id(cfg).folder())

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from manidp import _version
 from manidp._files import atomic_save, atomic_write_text, result_id
-from manidp.config import check_run_folder, check_runnable, config_differences, default_out_dir
+from manidp.config import check_run_folder, check_runnable, config_differences, default_out_dir, run_id
 from manidp.data import build_dataset
 from manidp.errors import UserError
 from manidp.evaluation import evaluate, summarize, write_instances
@@ -441,7 +441,7 @@ def _final_evaluation(model, method, splits, val_loader, test_loader, ctx, cfg, 
     params = sum(p.numel() for p in model.parameters())
     metrics.update({
         "dataset": cfg["dataset"], "backbone": cfg["backbone"], "method": cfg["method"],
-        "dynamic": method.dynamic, "budget": cfg["budget"], "seed": cfg["seed"],
+        "dynamic": method.dynamic, "budget": cfg["budget"], "seed": cfg["seed"], "run_id": run_id(cfg).to_dict(),
         **method.final_metrics(),
         "params": params, "params_dense": dense_params, "method_info": method.describe(),
         "config": cfg, "versions": _versions(),

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from manidp.config import yaml12_numbers
+from manidp.config import schema_validator, yaml12_numbers
 from manidp.errors import UserError
+from manidp.runid import RunId, label
 
 __all__ = ["RECIPE_PATTERN", "FETCHED_DATA", "check_config", "profile_defaults", "profile_flags", "label", "run_dir",
            "run_files", "Plan"]
@@ -38,8 +39,7 @@ def check_config(cfg: dict, schema_file: Path) -> None:
     import jsonschema
 
     yaml12_numbers(cfg)
-    schema = yaml.safe_load(Path(schema_file).read_text())
-    errors = list(jsonschema.validators.validator_for(schema)(schema).iter_errors(cfg))
+    errors = list(schema_validator(schema_file).iter_errors(cfg))
     if errors:
         raise UserError(_schema_message(jsonschema.exceptions.best_match(errors)))
     for ds, section in cfg["datasets"].items():
@@ -67,8 +67,9 @@ def _schema_message(error) -> str:
         return f"config key '{where}' is {error.instance!r}; valid values: {valid}"
     if error.validator == "required":
         return f"config section '{where}' misses a key: {error.message}"
-    if error.validator == "propertyNames":
-        return f"config section '{where}' has an invalid name: {error.message}"
+    if "propertyNames" in error.relative_schema_path:
+        why = error.schema.get("description", error.message)
+        return f"config section '{where}' has an invalid name '{error.instance}': {why}"
     return f"config key '{where}': {error.message}"
 
 
@@ -210,21 +211,11 @@ def budgets(section: dict, backbone: str) -> list:
     return section["backbones"][backbone].get("budgets") or section.get("budgets") or []
 
 
-def label(value) -> str:
-    """How a value appears in folder names: numbers as the package names budgets (0.4, 0.55, 5e-05)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return "+".join(label(v) for v in value) or "none"
-    return str(value)
-
-
-def run_dir(ds, backbone, method, budget, seed) -> str:
-    """runs/{dataset}/{backbone}/{method}[-b{budget}]/seed{seed}: the package's default layout."""
-    name = method if budget is None else f"{method}-b{budget}"
-    return f"runs/{ds}/{backbone}/{name}/seed{seed}"
+def run_dir(ds, backbone, method, budget, seed, root: str = "runs", setting=None) -> str:
+    """{root}/{dataset}/{backbone}/{method}[-b{budget}][/{setting}]/seed{seed}, where ``method`` is the config
+    entry (:meth:`RunId.folder <manidp.runid.RunId.folder>`: the registered method an entry runs does not
+    name its folder)."""
+    return RunId(ds, backbone, entry=method, method=method, budget=budget, seed=seed).folder(root, setting)
 
 
 def run_files(dense: list[str], methods: list[str], profiles: list[str] = ()) -> dict:
@@ -356,7 +347,7 @@ class Plan:
         if not tuning:
             raise UserError(f"config section 'datasets.{ds}.tuning' is not set: no recipe sweep to run")
         return [
-            f"runs/tuning/{ds}/{b}/{entry}-b{label(tuning['budget'])}/{recipe}/seed{s}"
+            run_dir(ds, b, entry, label(tuning["budget"]), s, "runs/tuning", recipe)
             for b in self.section(ds)["backbones"]
             for entry in tuning["methods"]
             for recipe in tuning_recipes(tuning, entry)
@@ -373,9 +364,9 @@ class Plan:
         dirs = []
         for b in self.section(ds)["backbones"]:
             for s in aug["seeds"]:
-                dirs += [f"runs/augment/{ds}/{b}/dense/seed{s}", run_dir(ds, b, "dense", None, s)]
+                dirs += [run_dir(ds, b, "dense", None, s, "runs/augment"), run_dir(ds, b, "dense", None, s)]
                 for m in self.section(ds)["methods"]:
-                    dirs += [f"runs/augment/{ds}/{b}/{m}-b{budget}/seed{s}", run_dir(ds, b, m, budget, s)]
+                    dirs += [run_dir(ds, b, m, budget, s, "runs/augment"), run_dir(ds, b, m, budget, s)]
         return dirs
 
     def budget_curve_dirs(self, ds: str) -> list[str]:
@@ -385,7 +376,8 @@ class Plan:
         budget = label(curve["budget"])
         default_epochs = self.section(ds).get("finetune", {}).get("train", {}).get("epochs")
         return [
-            run_dir(ds, b, m, budget, s) if e == default_epochs else f"runs/budget/{ds}/{b}/{m}-b{budget}/e{e}/seed{s}"
+            run_dir(ds, b, m, budget, s) if e == default_epochs
+            else run_dir(ds, b, m, budget, s, "runs/budget", f"e{e}")
             for b in self.section(ds)["backbones"]
             for m in curve["methods"]
             for e in curve["epochs"]
@@ -435,7 +427,13 @@ class Plan:
             recipe["lr"] = lr
         if epochs is not None:
             recipe["epochs"] = epochs
-        args = ["--method", settings.get("method", entry)]
+        method = settings.get("method", entry)
+        args = ["--method", method]
+        if entry != method:
+            # The entry names the result (its folder, its table row), so the run records it. An entry named
+            # after its method needs no flag (the entry defaults to the method), so its job's params, which
+            # Snakemake re-runs a job for, stay as they were.
+            args += set_args("", {"entry": entry})
         args += set_args("", {"method_options": {**settings.get("options", {}), **(knobs or {})}})
         return args + set_args("train", recipe) + self._common_sets(ds, data_extra)
 

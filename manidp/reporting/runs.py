@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from manidp.errors import UserError
+from manidp.runid import RunId
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,7 +34,6 @@ OPTIONAL_VAL = {
 #: What a finished, test-evaluated run's metrics.json must hold.
 _REQUIRED = ("dataset", "backbone", "method", "budget", "seed", "dynamic", "test_top1", "test_top5", "macs",
              "macs_dense", "macs_reduction", "params")
-_RUN_FOLDER = re.compile(r"^(?P<label>.+)-b(?P<budget>[0-9.]+)$")
 
 
 def read_json(path: Path) -> dict:
@@ -136,14 +135,23 @@ class LatencyRecord:
         return {**out, **{k: v for k, v in extra.items() if v is not None}}
 
 
-def _label(run_dir: Path, budget) -> str:
-    """The method's name as configured: the run folder's name without its budget suffix.
+def _run_id(metrics: dict, path: Path) -> RunId:
+    """The run's identity as the engine recorded it (``run_id``), never read from the folder's name.
 
-    It differs from the registered method when a config entry runs a method
-    with other options (an ablation named by the user).
+    A metrics.json written before ``run_id`` existed is read from its top-level
+    fields, with its registered method as its entry: back then the entry
+    reached a run only through the folder it was written to, and the shipped
+    configs name every entry after the method it runs. A table of such runs
+    shows an entry that runs another method (``method:`` in the config) under
+    that method's name until the run is trained again.
     """
-    match = _RUN_FOLDER.match(run_dir.parent.name)
-    return match["label"] if match and budget is not None else run_dir.parent.name
+    if "run_id" not in metrics:
+        return RunId(dataset=metrics["dataset"], backbone=metrics["backbone"], entry=metrics["method"],
+                     method=metrics["method"], budget=metrics["budget"], seed=metrics["seed"])
+    try:
+        return RunId.from_dict(metrics["run_id"])
+    except UserError as err:
+        raise UserError(f"{path}: {err}; delete the run and train it again") from None
 
 
 def _recorded(metrics: dict, key: str) -> float:
@@ -174,7 +182,7 @@ class RunRecord:
     run_dir: Path
     dataset: str
     backbone: str
-    method: str  #: as configured (the folder's name), which may differ from the registered method
+    method: str  #: the config entry (:class:`~manidp.runid.RunId`), which may differ from the registered method
     registered_method: str
     dynamic: bool
     budget: Optional[float]
@@ -203,14 +211,15 @@ class RunRecord:
         if missing:
             raise UserError(f"{run_dir / 'metrics.json'} lacks {', '.join(missing)}: it is not a finished "
                             f"test-evaluated run (validation-only runs go to manidp tuning-table)")
+        rid = _run_id(m, run_dir / "metrics.json")
         info = m.get("method_info") if isinstance(m.get("method_info"), dict) else {}
         epochs, steps = _training_budget(m)
         # The dense model is the reference every speed-up is measured against: it reads no latency file.
-        latency = {p: LatencyRecord("ok", speedup=1.0) if m["budget"] is None
+        latency = {p: LatencyRecord("ok", speedup=1.0) if rid.budget is None
                    else LatencyRecord.read(run_dir / f"latency_{p}.json") for p in profiles}
         return cls(
-            run_dir=run_dir, dataset=m["dataset"], backbone=m["backbone"], method=_label(run_dir, m["budget"]),
-            registered_method=m["method"], dynamic=bool(m["dynamic"]), budget=m["budget"], seed=m["seed"],
+            run_dir=run_dir, dataset=rid.dataset, backbone=rid.backbone, method=rid.entry,
+            registered_method=rid.method, dynamic=bool(m["dynamic"]), budget=rid.budget, seed=rid.seed,
             test_top1=m["test_top1"], test_top5=m["test_top5"], macs=m["macs"], macs_dense=m["macs_dense"],
             macs_reduction=m["macs_reduction"], params=m["params"],
             macs_theoretical=bool(info.get("macs_theoretical", False)),

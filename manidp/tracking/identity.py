@@ -1,10 +1,10 @@
 """A result's identity in MLflow, and what every run carries.
 
-A result's identity is its dataset, backbone, method, budget, seed, a hash of
-its resolved config and its folder's result id (the tag ``manidp.identity``),
-so re-running, restarting or importing a result finds its run instead of
-adding a second one. Runs also carry the package versions and, in a git
-checkout, the commit.
+A result's identity is its :class:`~manidp.runid.RunId` (dataset, backbone,
+method, budget, seed, a hash of its resolved config) and its folder's result
+id (the tag ``manidp.identity``), so re-running, restarting or importing a
+result finds its run instead of adding a second one. Runs also carry the
+package versions and, in a git checkout, the commit.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from manidp.config import run_id
 
 __all__ = ["identity_tags", "run_name", "find_result_runs", "provenance", "flatten", "metric_rows", "IDENTITY_TAG",
            "CONFIG_HASH_TAG", "RESULT_TAG", "RUN_DIR_TAG"]
@@ -26,24 +28,23 @@ _VERSIONED = ("manidp", "torch", "torchvision", "timm", "torch-pruning", "mlflow
 
 
 def identity_tags(cfg: dict, result: str) -> dict[str, str]:
-    """The tags that name a result: dataset, backbone, method, budget, seed, the config hash and the run
-    folder's result id (``manidp._files.result_id``), so two folders trained alike stay two runs."""
-    from manidp.config import config_hash
-
-    digest = config_hash(cfg)
-    budget = "none" if cfg["budget"] is None else f"{cfg['budget']:g}"
+    """The tags that name a result: its :class:`~manidp.runid.RunId` but the entry (dataset, backbone, method,
+    budget, seed, config hash) and the run folder's result id (``manidp._files.result_id``), so two folders
+    trained alike stay two runs."""
+    rid = run_id(cfg)
+    budget = "none" if rid.budget is None else f"{rid.budget:g}"
     return {
-        "dataset": cfg["dataset"], "backbone": cfg["backbone"], "method": cfg["method"],
-        "budget": str(cfg["budget"]), "seed": str(cfg["seed"]), CONFIG_HASH_TAG: digest, RESULT_TAG: result,
-        IDENTITY_TAG: (f"{cfg['dataset']}/{cfg['backbone']}/{cfg['method']}/b{budget}/seed{cfg['seed']}/{digest}/"
-                       f"{result}"),
+        "dataset": rid.dataset, "backbone": rid.backbone, "method": rid.method, "budget": str(rid.budget),
+        "seed": str(rid.seed), CONFIG_HASH_TAG: rid.config_hash, RESULT_TAG: result,
+        IDENTITY_TAG: f"{rid.dataset}/{rid.backbone}/{rid.method}/b{budget}/seed{rid.seed}/{rid.config_hash}/{result}",
     }
 
 
 def run_name(cfg: dict) -> str:
     """Method first, so the UI's narrow name column tells runs apart: ``manidp b0.55 s0``, ``dense s0``."""
-    budget = "" if cfg["budget"] is None else f" b{cfg['budget']:g}"
-    return f"{cfg['method']}{budget} s{cfg['seed']}"
+    rid = run_id(cfg)
+    budget = "" if rid.budget is None else f" b{rid.budget:g}"
+    return f"{rid.method}{budget} s{rid.seed}"
 
 
 def _quoted(value: str) -> Optional[str]:
