@@ -12,13 +12,14 @@ Python), in config files, in ``--set key=value`` and, through
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import yaml
 
@@ -162,181 +163,138 @@ def resolve(
     return cfg
 
 
-# ----------------------------------------------------------------- value rules
-# A rule returns None for a good value, else what the value must be.
-Rule = Callable[[Any], Optional[str]]
+# ----------------------------------------------------------------- the run schema
+# Every key a run takes, with its type, range and help text, in one file that the workflow's schema refers to.
+RUN_SCHEMA = "run.schema.yaml"
+_TYPE_WORDS = {"string": "a string", "boolean": "true or false", "object": "a mapping", "array": "a list",
+               "null": "null"}
+_BOUNDS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
 
 
-def _is_number(value) -> bool:
+def _finite_number(checker, value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _number(low: Optional[float] = None, high: Optional[float] = None, *, low_open: bool = False,
-            high_open: bool = False, integer: bool = False, nullable: bool = False, what: str = "") -> Rule:
-    """A number within bounds; ``what`` replaces the generated description ("an integer >= 0")."""
-    bounds = []
-    if low is not None:
-        bounds.append(f"{'>' if low_open else '>='} {low:g}")
-    if high is not None:
-        bounds.append(f"{'<' if high_open else '<='} {high:g}")
-    expected = what or " ".join(["an integer" if integer else "a number", " and ".join(bounds)]).strip()
-    expected += " or null" if nullable else ""
-
-    def check(value):
-        if value is None and nullable:
-            return None
-        if not _is_number(value) or (integer and not isinstance(value, int)):
-            return expected
-        if low is not None and (value < low or (low_open and value == low)):
-            return expected
-        if high is not None and (value > high or (high_open and value == high)):
-            return expected
-        return None
-
-    return check
+def _whole_number(checker, value) -> bool:
+    # JSON Schema counts 1.0 as an integer; an epoch count or a seed given as 1.0 stays refused.
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _flag(value) -> Optional[str]:
-    return None if isinstance(value, bool) else "true or false"
+@functools.lru_cache(maxsize=None)
+def _validator_class():
+    """Draft 2020-12 with the numbers a run can use: finite ones, and integers that are ints."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    types = base.TYPE_CHECKER.redefine_many({"number": _finite_number, "integer": _whole_number})
+    return jsonschema.validators.extend(base, type_checker=types)
 
 
-def _text(nullable: bool = False) -> Rule:
-    expected = "a non-empty string" + (" or null" if nullable else "")
-
-    def check(value):
-        if value is None and nullable:
-            return None
-        return None if isinstance(value, str) and value.strip() else expected
-
-    return check
+@functools.lru_cache(maxsize=None)
+def run_schema() -> dict:
+    """The run config's JSON Schema (``manidp/configs/run.schema.yaml``)."""
+    return _load_packaged(RUN_SCHEMA)
 
 
-def _choice(*valid) -> Rule:
-    expected = f"one of the valid values: {', '.join(str(v).lower() for v in valid)}"
+def schema_validator(schema_file: str | Path):
+    """A validator of the YAML schema ``schema_file`` whose relative ``$ref``s name other YAML files (the
+    workflow's schema refers to the run schema), resolved next to it as ``snakemake.utils.validate`` does."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
 
-    def check(value):
-        return None if any(value == v and type(value) is type(v) for v in valid) else expected
+    import jsonschema
+    from referencing import Registry, Resource
 
-    return check
+    def retrieve(uri: str) -> Resource:
+        return Resource.from_contents(yaml_load(Path(url2pathname(urlparse(uri).path)).read_text()))
 
-
-def _int_list(value) -> Optional[str]:
-    good = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-    return None if good else "a list of integers >= 0"
-
-
-def _eval_splits(value) -> Optional[str]:
-    good = (isinstance(value, list) and value and "val" in value and set(value) <= {"val", "test"}
-            and len(set(value)) == len(value))
-    return None if good else "[val, test] or [val] (validation only)"
+    path = Path(schema_file).resolve()
+    schema = {**yaml_load(path.read_text()), "$id": path.as_uri()}
+    return jsonschema.validators.validator_for(schema)(schema, registry=Registry(retrieve=retrieve))
 
 
-def _mapping(value) -> Optional[str]:
-    return None if isinstance(value, dict) else "a mapping"
+def _definition(node: dict) -> dict:
+    """``node``, or the run schema's definition its ``$ref`` (``#/$defs/...``) names."""
+    while "$ref" in node:
+        target = run_schema()
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
 
 
-_RULES: dict[str, Rule] = {
-    "dataset": _text(), "backbone": _text(), "method": _text(), "entry": _text(nullable=True),
-    "method_options": _mapping,
-    "budget": _number(0, 1, high_open=True, nullable=True, what="a requested MACs reduction in [0, 1)"),
-    "seed": _number(0, integer=True),
-    "out": _text(nullable=True), "init_from": _text(nullable=True), "pretrained": _text(nullable=True),
-    "difficulty_from": _text(nullable=True),
-    "eval_splits": _eval_splits,
-    "train.epochs": _number(0, integer=True),
-    "train.batch_size": _number(1, integer=True),
-    "train.eval_batch_size": _number(1, integer=True),
-    "train.lr": _number(0, low_open=True),
-    "train.min_lr": _number(0),
-    "train.momentum": _number(0, 1, high_open=True),
-    "train.nesterov": _flag,
-    "train.weight_decay": _number(0),
-    "train.label_smoothing": _number(0, 1, high_open=True),
-    "train.schedule": _choice("cosine", "step", "constant"),
-    "train.warmup_epochs": _number(0, integer=True),
-    "train.milestones": _int_list,
-    "train.gamma": _number(0, low_open=True),
-    "train.grad_clip": _number(0, low_open=True, nullable=True),
-    "runtime.device": _choice("auto", "cpu", "cuda"),
-    "runtime.precision": _choice("auto", "fp32", "bf16"),
-    "runtime.channels_last": _choice("auto", True, False),
-    "runtime.workers": _number(0, integer=True),
-    "runtime.threads": _number(1, integer=True, nullable=True),
-    "runtime.deterministic": _flag,
-    "runtime.progress": _choice("auto", "bar", "log"),
-    "data.root": _text(),
-    "data.download": _flag,
-    "data.imagenet_path": _text(nullable=True),
-    "data.image_size": _number(1, integer=True),
-    "data.imagenet_val_holdout": _number(1, integer=True),
-    "data.split_seed": _number(0, integer=True),
-    "data.digits_c_seed": _number(0, integer=True),
-    "data.cache_dir": _text(nullable=True),
-    "data.max_train": _number(1, integer=True, nullable=True),
-    "data.max_eval": _number(1, integer=True, nullable=True),
-    "data.augment_rotation_deg": _number(0),
-    "data.augment_shift_px": _number(0),
-    "tracking.enabled": _flag,
-    "tracking.uri": _text(nullable=True),
-    "tracking.experiment": _text(nullable=True),
-    "tracking.parent_run_id": _text(nullable=True),
-    "tracking.tags": _mapping,
-    "tracking.log_model": _flag,
-}
+def _key_of(path) -> tuple[str, dict]:
+    """The config key under ``path`` that a message names (a list's item belongs to its list), with its schema."""
+    node, keys = run_schema(), []
+    for part in path:
+        node = _definition(node)
+        properties, other = node.get("properties", {}), node.get("additionalProperties")
+        if isinstance(part, int) or (part not in properties and not isinstance(other, dict)):
+            break
+        node = properties.get(part, other)
+        keys.append(part)
+    return ".".join(keys), _definition(node)
 
 
-def _rule_from_default(default) -> Rule:
-    """For keys without their own rule: the type of the packaged default."""
-    if isinstance(default, bool):
-        return _flag
-    if isinstance(default, int):
-        return _number(integer=True)
-    if isinstance(default, float):
-        return _number()
-    if isinstance(default, str):
-        return _text()
-    if isinstance(default, list):
-        return lambda v: None if isinstance(v, list) else "a list"
-    if isinstance(default, dict):
-        return _mapping
-    return lambda v: None
+def _yaml_text(value) -> str:
+    if isinstance(value, list):
+        return f"[{', '.join(_yaml_text(v) for v in value)}]"
+    return yaml.safe_dump(value, default_flow_style=True).splitlines()[0].removesuffix(" ...")
 
 
-def _leaves(tree: dict, prefix: str = ""):
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and key not in _FREE_FORM:
-            yield from _leaves(value, name + ".")
+def _numbers(kind: str, schema: dict, plural: bool) -> str:
+    noun = {"integer": ("an integer", "integers"), "number": ("a number", "numbers")}[kind][plural]
+    bounds = [f"{word} {schema[key]:g}" for key, word in _BOUNDS if key in schema]
+    return " ".join([noun, " and ".join(bounds)]).strip()
+
+
+def _expected(schema: dict, plural: bool = False) -> str:
+    """What a key takes, in words read from its schema: 'an integer >= 1 or null', 'a list of integers >= 0'."""
+    if "enum" in schema:
+        return f"one of the valid values: {', '.join(_yaml_text(v) for v in schema['enum'])}"
+    kinds = schema.get("type", [])
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    words = []
+    for kind in kinds:
+        if kind in ("integer", "number"):
+            words.append(_numbers(kind, schema, plural))
+        elif kind == "string" and schema.get("pattern") == r"\S":
+            words.append("a non-empty string")
+        elif kind == "array" and "items" in schema:
+            words.append(f"a list of {_expected(schema['items'], plural=True)}")
         else:
-            yield name, value
-
-
-def _lookup(cfg: dict, dotted: str):
-    for key in dotted.split("."):
-        if not isinstance(cfg, dict) or key not in cfg:
-            return None
-        cfg = cfg[key]
-    return cfg
+            words.append("a boolean" if kind == "boolean" and len(kinds) > 2 else _TYPE_WORDS[kind])
+    return " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 2 else words)
 
 
 def _show(value) -> str:
     return repr(value) if not isinstance(value, str) else f"'{value}'"
 
 
+def _value_at(cfg: dict, keys: list[str]):
+    for key in keys:
+        cfg = cfg[key]
+    return cfg
+
+
+def _schema_message(error, cfg: dict) -> str:
+    """One line naming the key, the bad value, what the key takes and what it is for."""
+    key, schema = _key_of(error.absolute_path)
+    if error.validator == "additionalProperties":
+        unknown = sorted(set(error.instance) - set(schema.get("properties", {})))
+        where = f"{key}." if key else ""
+        return f"unknown config key '{where}{unknown[0]}'; valid keys here: {', '.join(sorted(schema['properties']))}"
+    value = _value_at(cfg, key.split(".") if key else [])
+    help_text = f". {key}: {schema['description']}" if "description" in schema else ""
+    return f"config key '{key}' must be {_expected(schema)}, got {_show(value)}{help_text}"
+
+
 def validate(cfg: dict) -> None:
-    """Check every key's type and range (one message naming the first bad key)."""
-    template = defaults()
-    for name, default in _leaves(template):
-        parent = _lookup(cfg, name.rsplit(".", 1)[0]) if "." in name else cfg
-        if not isinstance(parent, dict):
-            raise UserError(f"config key '{name.rsplit('.', 1)[0]}' must be a mapping, got {_show(parent)}")
-        value = parent.get(name.rsplit(".", 1)[-1])
-        expected = _RULES.get(name, _rule_from_default(default))(value)
-        if expected:
-            raise UserError(f"config key '{name}' must be {expected}, got {_show(value)}")
-    for name, value in cfg["tracking"]["tags"].items():
-        if isinstance(value, (dict, list)):
-            raise UserError(f"config key 'tracking.tags.{name}' must be a single value, got {_show(value)}")
+    """Check every key against the run schema (one message naming the first bad key), then the keys that
+    depend on each other."""
+    error = next(_validator_class()(run_schema()).iter_errors(cfg), None)
+    if error is not None:
+        raise UserError(_schema_message(error, cfg))
     train = cfg["train"]
     if train["nesterov"] and train["momentum"] == 0:
         raise UserError("config key 'train.nesterov' is true but 'train.momentum' is 0: set a momentum "
@@ -346,15 +304,23 @@ def validate(cfg: dict) -> None:
                         "at which the learning rate drops")
 
 
+def _option_schema(default) -> dict:
+    """A method option's schema: its default's type (a method declares its options by their defaults)."""
+    kinds = ((bool, {"type": "boolean"}), (int, {"type": "integer"}), (float, {"type": "number"}),
+             (str, {"type": "string", "pattern": r"\S"}), (list, {"type": "array"}), (dict, {"type": "object"}))
+    return next((schema for kind, schema in kinds if isinstance(default, kind)), {})
+
+
 def _method_options_error(cls, options: dict) -> Optional[str]:
     """A method option whose value does not have its default's type."""
     for key, value in options.items():
         default = cls.default_options.get(key)
         if default is None:
             continue
-        expected = _rule_from_default(default)(value)
-        if expected:
-            return f"config key 'method_options.{key}' of method '{cls.name}' must be {expected}, got {_show(value)}"
+        schema = _option_schema(default)
+        if not _validator_class()(schema).is_valid(value):
+            return (f"config key 'method_options.{key}' of method '{cls.name}' must be {_expected(schema)}, "
+                    f"got {_show(value)}")
     return None
 
 

@@ -75,7 +75,7 @@ CONFIG_KEYS = _leaf_keys(defaults())
 
 # Out of range, or not one of the valid values: (assignment, what the message says).
 OUT_OF_RANGE = [
-    ("budget=1", "'budget' must be a requested MACs reduction in [0, 1)"), ("budget=-0.1", "'budget'"),
+    ("budget=1", "'budget' must be a number >= 0 and < 1 or null"), ("budget=-0.1", "'budget'"),
     ("seed=-1", "'seed' must be an integer >= 0"), ("seed=1.5", "'seed' must be an integer"),
     ("train.epochs=-1", "'train.epochs' must be an integer >= 0"), ("train.epochs=1.5", "'train.epochs'"),
     ("train.batch_size=0", "'train.batch_size' must be an integer >= 1"),
@@ -95,7 +95,7 @@ OUT_OF_RANGE = [
     ("data.image_size=0", "'data.image_size'"), ("data.imagenet_val_holdout=0", "'data.imagenet_val_holdout'"),
     ("data.split_seed=-1", "'data.split_seed'"), ("data.digits_c_seed=-1", "'data.digits_c_seed'"),
     ("data.max_train=0", "'data.max_train'"), ("data.max_eval=-5", "'data.max_eval'"),
-    ("eval_splits=[test]", "'eval_splits' must be [val, test] or [val]"),
+    ("eval_splits=[test]", "'eval_splits' must be one of the valid values: [val, test], [test, val], [val]"),
     ("dataset=mnist", "unknown dataset 'mnist'"), ("backbone=resnet_x", "unknown backbone 'resnet_x'"),
     ("method=magic", "unknown method 'magic'"), ("method_options.nope=1", "has no option(s) nope"),
     ("init_from=/nonexistent/dense", "'init_from' names /nonexistent/dense, which does not exist"),

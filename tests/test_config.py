@@ -16,7 +16,7 @@ def test_recipe_and_overrides_layer_in_order():
     ("train.lrr=1", "unknown config key 'train.lrr'"),
     ("train.lr=fast", "must be a number"),
     ("train.schedule=linear", "valid values: cosine, step, constant"),
-    ("budget=1.5", "MACs reduction in"),
+    ("budget=1.5", "'budget' must be a number >= 0 and < 1 or null, got 1.5. budget: requested MACs reduction"),
     ("runtime.device=tpu", "valid values"),
     ("noequals", "key=value"),
 ])
