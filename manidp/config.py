@@ -26,9 +26,10 @@ import yaml
 from manidp.errors import UserError
 from manidp.runid import RunId
 
-__all__ = ["defaults", "recipes", "resolve", "validate", "check_runnable", "load_yaml", "yaml_load",
-           "yaml12_numbers", "parse_assignment", "comparable", "config_hash", "config_differences",
-           "finished_run", "check_out_folder", "check_run_folder", "can_write_in", "run_id", "default_out_dir"]
+__all__ = ["defaults", "recipes", "resolve", "validate", "run_schema", "schema_validator", "check_runnable",
+           "load_yaml", "yaml_load", "yaml12_numbers", "parse_assignment", "comparable", "config_hash",
+           "config_differences", "finished_run", "check_out_folder", "check_run_folder", "can_write_in", "run_id",
+           "default_out_dir"]
 
 
 # ----------------------------------------------------------------- YAML 1.2 numbers
