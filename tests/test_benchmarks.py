@@ -113,7 +113,8 @@ def test_digits_c_gates_adds_the_inductor_form_with_cold_and_warm_compile_times(
     result = script.compare(run, instances=2, repeats=1, dense_dir=dense_run, inductor=True)
     assert set(result["speed_vs_dense"]) == {"training_gate", "aten_gate", "compiled_gate", "inductor_gate"}
     assert result["inductor_compile_s"] == {"cold": 0.5, "warm": 1.0} and len(compiles) == 2
-    assert result["inductor_rel_error"] == 0  # the stand-in runs the ATen-gate model itself
+    # The stand-in runs the gated model itself, eager: the ATen-gate deployed form's other summation order only.
+    assert result["inductor_rel_error"] <= 1e-5
 
 
 def test_digits_c_gates_refuses_a_folder_without_a_run(tmp_path, capsys):

@@ -19,14 +19,14 @@ PUBLISHED = {"manidp": "lam", "channel_gating": "gate_weight", "fbs": "l1_weight
              "sfp": "soft_fraction"}
 
 
-def test_every_sweep_entry_gets_three_learning_rates_by_three_knob_values_with_its_published_default():
+def test_every_sweep_entry_gets_the_same_grid_of_at_least_three_by_three_with_its_published_default():
     load_all()
     tuning = DIGITS_C["tuning"]
-    assert len(tuning["lr"]) == 3 and len(tuning["seeds"]) >= 3
+    assert len(tuning["lr"]) >= 3 and len(tuning["seeds"]) >= 3
     entries = [*DIGITS_C["methods"], *DIGITS_C["ablations"]["methods"]]
     assert sorted(tuning["methods"]) == sorted(entries)  # every method and ablation is swept
-    for entry, grid in tuning["methods"].items():
-        assert len(list(itertools.product(*grid.values()))) == 3, entry
+    sizes = {entry: len(list(itertools.product(*grid.values()))) for entry, grid in tuning["methods"].items()}
+    assert min(sizes.values()) >= 3 and len(set(sizes.values())) == 1, sizes
     for entry, option in PUBLISHED.items():
         assert METHODS.get(entry).default_options[option] in tuning["methods"][entry][option], entry
     # past the previous sweep's edge: every entry chose lr 0.03, the top of {0.01, 0.03}

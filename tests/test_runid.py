@@ -42,7 +42,7 @@ def test_a_damaged_identity_is_refused(broken):
     (lambda p: p.dense_dirs("digits-c")[0], "runs/digits-c/cifar_resnet20/dense/seed0"),
     (lambda p: p.method_dirs("digits-c")[0], "runs/digits-c/cifar_resnet20/manidp-b0.4/seed0"),
     (lambda p: p.ablation_dirs("digits-c")[-1], "runs/digits-c/cifar_resnet20/manidp_authors-b0.55/seed2"),
-    (lambda p: p.tuning_dirs("digits-c")[0], "runs/tuning/digits-c/cifar_resnet20/manidp-b0.55/lr0.02-lam0.025/seed0"),
+    (lambda p: p.tuning_dirs("digits-c")[0], "runs/tuning/digits-c/cifar_resnet20/manidp-b0.55/lr0.02-lam0.0125/seed0"),
     (lambda p: p.augment_dirs("digits-c")[0], "runs/augment/digits-c/cifar_resnet20/dense/seed0"),
     (lambda p: p.budget_curve_dirs("digits-c")[-1], "runs/budget/digits-c/cifar_resnet20/fbs-b0.55/e16/seed2"),
     (lambda p: p.seed_runs("digits-c", "cifar_resnet20")[0], "runs/{dataset}/{backbone}/manidp-b0.4/seed{seed}"),
