@@ -17,11 +17,10 @@ timed in one process, interleaved, on the first ``--instances`` test images:
 * ``inductor_gate`` (unless ``--no-inductor``): the trained gated model
   (dense convolutions, ATen gates, mask multiplies: what the deployed form
   runs on this dataset) compiled whole by ``torch.compile`` (Inductor,
-  freezing on), the field's compiler in place of the hand-written op (issue
-  18, item 5). Its compile
-  time is measured cold (an empty Inductor cache, a folder of this process's
-  own) and warm (the same model compiled again after ``torch._dynamo.reset()``,
-  what a second latency job on the machine pays).
+  freezing on), the field's compiler in place of the hand-written op. Its
+  compile time is measured cold (an empty Inductor cache, a folder of this
+  process's own) and warm (the same model compiled again after
+  ``torch._dynamo.reset()``, what a second latency job on the machine pays).
 
 The ATen forms must agree bit for bit (checked); the compiled one to fp32
 rounding (its relative error is printed). Output: one JSON object per run
@@ -49,6 +48,7 @@ from manidp.errors import UserError
 from manidp.gating import deployed_blocks
 from manidp.latency import (MEMORY_FORMATS, InMemoryFormat, inductor_compile, measure_latency, optimized_dense,
                             prepare_deployed)
+from manidp.latency.reference import _reason  # the dense reference's one-line failure reason
 from manidp.methods.manidp import SaliencyGate
 
 
@@ -110,7 +110,7 @@ def compare(run: Path, instances: int, repeats: int, dense_dir: Path | None = No
         try:
             forms["inductor_gate"], compile_s = _inductor_form(model, planning, info)
         except Exception as err:  # noqa: BLE001 - any compiler failure: the row is absent, the reason printed
-            compile_s = {"failed": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"}
+            compile_s = {"failed": _reason(err)}
     with torch.inference_mode():
         outputs = {name: torch.cat([f(x.clone()) for x in inputs]) for name, f in forms.items()}
     times = measure_latency({"dense": reference, **forms}, inputs, warmup=3, repeats=repeats)

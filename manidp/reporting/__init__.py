@@ -21,7 +21,7 @@ The commands that call it (``table``, ``plot``, ``tuning-table``) live in
 ``manidp/cli/report.py``.
 """
 from manidp.errors import UserError
-from manidp.reporting.paper import PAPER_NAMES, PAPER_TOLERANCE_PCT, attach_reported, build_table, reported_rows
+from manidp.reporting.paper import PAPER_TOLERANCE_PCT, attach_reported, build_table, reported_rows
 from manidp.reporting.plots import plot_macs_vs_difficulty, plot_pareto, plot_speedup
 from manidp.reporting.render import to_latex, to_markdown, write_table
 from manidp.reporting.runs import OPTIONAL_VAL, LatencyRecord, RunRecord, find_profiles, is_number, load_runs
@@ -31,4 +31,4 @@ from manidp.reporting.tuning import tuning_table
 __all__ = ["RunRecord", "LatencyRecord", "load_runs", "find_profiles", "summarize_runs", "reported_rows",
            "attach_reported", "build_table", "to_markdown", "to_latex", "write_table", "write_per_seed",
            "tuning_table", "plot_pareto", "plot_macs_vs_difficulty", "plot_speedup", "is_number", "MEASURES",
-           "OPTIONAL_VAL", "PAPER_NAMES", "PAPER_TOLERANCE_PCT", "UserError"]
+           "OPTIONAL_VAL", "PAPER_TOLERANCE_PCT", "UserError"]

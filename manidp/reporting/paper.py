@@ -1,16 +1,15 @@
 """The paper's reported rows (Tables 1 and 4) and their place beside ours."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from importlib import resources
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable
 
 from manidp.reporting.summary import summarize_runs
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["PAPER_NAMES", "PAPER_TOLERANCE_PCT", "reported_rows", "attach_reported", "build_table"]
+__all__ = ["PAPER_TOLERANCE_PCT", "reported_rows", "attach_reported", "build_table"]
 
 
 def _registered_paper_names() -> dict[str, tuple[str, ...]]:
@@ -22,21 +21,6 @@ def _registered_paper_names() -> dict[str, tuple[str, ...]]:
     return {name: METHODS.get(name).paper_names for name in METHODS if METHODS.get(name).paper_names}
 
 
-class _RegisteredPaperNames(Mapping):
-    """A read-only view of :func:`_registered_paper_names`, current at every use."""
-
-    def __getitem__(self, method: str) -> tuple[str, ...]:
-        return _registered_paper_names()[method]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_registered_paper_names())
-
-    def __len__(self) -> int:
-        return len(_registered_paper_names())
-
-
-#: Our registered method name -> the paper's names for the same method (Tables 1 and 4).
-PAPER_NAMES: Mapping[str, tuple[str, ...]] = _RegisteredPaperNames()
 #: A paper row sits on our row when its FLOPs reduction is within this many points of our budget.
 PAPER_TOLERANCE_PCT = 5.0
 _PAPER_TABLES = "reference/paper_tables.csv"
