@@ -53,6 +53,10 @@ MODEL_FORMAT = "manidp-model-1"
 class TrainingDiverged(UserError):
     """A non-finite loss: the run stops instead of training on NaNs."""
 
+    def __init__(self, message: str, epoch: int, step: int, loss: float):
+        super().__init__(message)
+        self.epoch, self.step, self.loss = epoch, step, loss
+
 
 class RunObserver:
     """What the engine reports as a run goes, for whoever records it (the command line passes
@@ -244,10 +248,13 @@ def _log(dist: _Distributed):
     return log
 
 
-def train(cfg: dict, observer: Optional[RunObserver] = None) -> Path:
+def train(cfg: dict, observer: Optional[RunObserver] = None, record_divergence: bool = False) -> Path:
     """Train (or resume) the run described by the resolved config; return its folder.
 
     ``observer`` hears about the run as it goes (on the first rank only).
+    ``record_divergence``: a non-finite loss ends the run with a ``metrics.json``
+    whose ``status`` is ``"diverged"`` (and no model) instead of an error; a sweep
+    needs that, since a configuration that diverges is one of its results.
     """
     dist = _Distributed(cfg["runtime"]["device"])
     observer = observer if observer is not None and dist.main else RunObserver()
@@ -336,6 +343,15 @@ def train(cfg: dict, observer: Optional[RunObserver] = None) -> Path:
                 observer.epoch_ended(row, epoch)
                 log(_epoch_line(row, cfg))
             dist.barrier()
+    except TrainingDiverged as diverged:
+        observer.failed(diverged)
+        if not record_divergence:
+            raise
+        if dist.main:
+            _write_diverged(cfg, diverged, history, out)
+            log(f"{out}: diverged at epoch {diverged.epoch}, step {diverged.step}; recorded in metrics.json")
+        dist.barrier()
+        return out
     except BaseException:
         observer.failed(sys.exc_info()[1])
         raise
@@ -388,7 +404,8 @@ def _train_epoch(forward_model, model, method, optimizer, scheduler, loader, ctx
         if not np.isfinite(loss_value):
             raise TrainingDiverged(
                 f"non-finite loss ({loss_value}) at epoch {ctx.epoch + 1}, step {step + 1}: training stopped; "
-                "lower train.lr or set train.grad_clip, then delete the run folder and re-run")
+                "lower train.lr or set train.grad_clip, then delete the run folder and re-run",
+                epoch=ctx.epoch + 1, step=step + 1, loss=loss_value)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         method.after_backward(model, ctx)
@@ -453,6 +470,17 @@ def _write_final(model, method, splits, cfg, dense_macs, metrics, out: Path) -> 
     atomic_save({"format": MODEL_FORMAT, "config": cfg, "model": model.state_dict(),
                  "method_state": method.state_dict(), "num_classes": splits.num_classes,
                  "input_size": list(splits.input_size), "dense_macs": dense_macs}, out / "model.pt")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
+
+
+def _write_diverged(cfg: dict, diverged: TrainingDiverged, history: list[dict], out: Path) -> None:
+    # No model.pt, so the folder never counts as finished (finished_run) and nothing downstream evaluates it;
+    # the checkpoint goes too, since resuming from the epoch before a divergence only diverges again.
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    metrics = {"status": "diverged", "diverged_at": {"epoch": diverged.epoch, "step": diverged.step},
+               "loss": str(diverged.loss), "message": str(diverged), "method": cfg["method"],
+               "budget": cfg["budget"], "seed": cfg["seed"], "run_id": run_id(cfg).to_dict(),
+               "epochs_trained": len(history), "config": cfg}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
 
 

@@ -423,6 +423,30 @@ def test_tuning_table_chooses_within_tolerance_and_flags_fallbacks(sweep):
     assert pick["method_options"] == '{"lambda": 1.0}' and not pick["choice"].startswith("FALLBACK")
 
 
+def test_tuning_table_never_chooses_a_configuration_with_a_diverged_seed(sweep, tmp_path):
+    # fpgm lr 0.03 would win (most accurate, within the budget) but one seed diverged.
+    diverged = []
+    for seed in range(3):
+        run = make_sweep_run(tmp_path / "div", "fpgm", 0.03, seed, 95.0, 0.40)
+        if seed == 1:
+            metrics = json.loads((run / "metrics.json").read_text())
+            for key in ("val_top1", "val_top5", "val_macs_reduction", "macs_reduction"):
+                del metrics[key]
+            (run / "metrics.json").write_text(json.dumps({**metrics, "status": "diverged"}))
+        diverged.append(run)
+    table = reporting.tuning_table(sweep + diverged, tolerance=0.02)
+    row = table[(table["method"] == "fpgm") & (table["lr"] == 0.03)].iloc[0]
+    assert row["n_diverged"] == 1 and row["n_seeds"] == 3 and not row["chosen"]
+    assert row["choice"] == "diverged in 1 of 3 seeds: never chosen"
+    assert row["val_top1_mean"] == pytest.approx(95.0)  # over the seeds that finished
+    chosen = table[(table["method"] == "fpgm") & table["chosen"]]
+    assert chosen["lr"].tolist() == [0.02] and set(table["n_diverged"]) == {0, 1}
+    # A method whose every configuration diverged gets rows and no choice.
+    lost = [make_sweep_run(tmp_path / "lost", "sfp", 0.5, 0, 0.0, 0.0, extra={"status": "diverged"})]
+    table = reporting.tuning_table(sweep + lost)
+    assert not table.loc[table["method"] == "sfp", "chosen"].any()
+
+
 def test_tuning_table_command_and_refusals(sweep, tmp_path, capsys):
     out = tmp_path / "results" / "digits-c_tuning.csv"
     assert main(["tuning-table", "--runs", *map(str, sweep), "--out", str(out)]) == 0

@@ -41,6 +41,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--force", action="store_true",
                    help="retrain in --out even if it holds a finished or unfinished run with another config")
+    p.add_argument("--record-divergence", action="store_true",
+                   help="on a non-finite loss, write a metrics.json with status 'diverged' and exit 0 instead of "
+                        "failing (recipe sweeps: a configuration that diverges is a result)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -75,7 +78,7 @@ def _train(args) -> int:
         from manidp.engine import train
         from manidp.tracking import MlflowObserver
 
-        train(cfg, MlflowObserver())
+        train(cfg, MlflowObserver(), record_divergence=args.record_divergence)
     return 0
 
 

@@ -23,7 +23,8 @@ def _validation_run(run_dir: Path) -> dict:
         held = ", ".join(test_keys) if test_keys else "instances_test.csv"
         raise UserError(f"{run_dir} holds test-split results ({held}): recipes are chosen on validation only; "
                         f"sweep with validation-only runs (--set eval_splits=[val])")
-    if not (is_number(m.get("val_top1")) and is_number(m.get("val_macs_reduction"))):
+    diverged = m.get("status") == "diverged"
+    if not diverged and not (is_number(m.get("val_top1")) and is_number(m.get("val_macs_reduction"))):
         raise UserError(f"{path} lacks val_top1 or val_macs_reduction: the tuning table needs each run's "
                         f"validation numbers; re-run it to the end")
     config = m.get("config")
@@ -34,8 +35,10 @@ def _validation_run(run_dir: Path) -> dict:
                         f"re-run it with this version of manidp train")
     return {"method": config["method"], "budget": config["budget"], "lr": float(train["lr"]),
             "method_options": json.dumps(config["method_options"] or {}, sort_keys=True),
-            "seed": config["seed"], "val_top1": float(m["val_top1"]),
-            "val_macs_reduction": float(m["val_macs_reduction"]), "run_dir": str(run_dir)}
+            "seed": config["seed"], "diverged": diverged,
+            "val_top1": float("nan") if diverged else float(m["val_top1"]),
+            "val_macs_reduction": float("nan") if diverged else float(m["val_macs_reduction"]),
+            "run_dir": str(run_dir)}
 
 
 def tuning_table(run_dirs: Iterable[str | Path], tolerance: float = 0.02) -> "pd.DataFrame":
@@ -44,7 +47,10 @@ def tuning_table(run_dirs: Iterable[str | Path], tolerance: float = 0.02) -> "pd
     The chosen recipe of a method (at a budget) is the configuration with the
     highest mean validation top-1 among those whose mean validation MACs
     reduction lies within ``tolerance`` of the budget; where none does, the
-    one closest to the budget, flagged as a fallback.
+    one closest to the budget, flagged as a fallback. A configuration with a
+    diverged seed (``metrics.json`` status "diverged") is never chosen: a
+    recipe that fails on one seed in three is not one to publish. Its means
+    are over the seeds that finished, and ``n_diverged`` says how many did not.
     """
     import pandas as pd
 
@@ -62,17 +68,23 @@ def tuning_table(run_dirs: Iterable[str | Path], tolerance: float = 0.02) -> "pd
     for (method, budget, lr, options), group in runs.groupby(keys, dropna=False, sort=True):
         target = 0.0 if pd.isna(budget) else float(budget)
         reduction = group["val_macs_reduction"].mean()
+        n_diverged = int(group["diverged"].sum())
         rows.append({"method": method, "budget": None if pd.isna(budget) else budget, "lr": lr,
-                     "method_options": options, "n_seeds": len(group),
+                     "method_options": options, "n_seeds": len(group), "n_diverged": n_diverged,
                      "seeds": " ".join(str(s) for s in sorted(group["seed"])),
                      "val_top1_mean": group["val_top1"].mean(), "val_top1_std": group["val_top1"].std(ddof=1),
                      "val_macs_reduction_mean": reduction,
                      "val_macs_reduction_std": group["val_macs_reduction"].std(ddof=1),
                      "budget_gap": abs(reduction - target),
-                     "within_tolerance": abs(reduction - target) <= tolerance + 1e-9,  # 0.4 - 0.3 > 0.1 in floats
-                     "chosen": False, "fallback": False, "choice": "", "runs": " ".join(group["run_dir"])})
+                     "within_tolerance": bool(abs(reduction - target) <= tolerance + 1e-9),  # 0.4-0.3 > 0.1
+                     "chosen": False, "fallback": False,
+                     "choice": f"diverged in {n_diverged} of {len(group)} seeds: never chosen" if n_diverged else "",
+                     "runs": " ".join(group["run_dir"])})
     table = pd.DataFrame(rows)
     for _, group in table.groupby(["method", "budget"], dropna=False, sort=False):
+        group = group[group["n_diverged"] == 0]
+        if group.empty:
+            continue  # every configuration diverged: the rows say so, and nothing is chosen
         within = group[group["within_tolerance"]]
         if len(within):
             best = within.sort_values("val_top1_mean", ascending=False, kind="stable").index[0]

@@ -106,7 +106,9 @@ rule train_tuning:
 
     --set eval_splits=["val"]: the run evaluates the validation split alone and
     never loads the test split. Not tracked in MLflow: the sweep's record is
-    results/{dataset}_tuning.csv.
+    results/{dataset}_tuning.csv. --record-divergence: a setting whose loss
+    turns non-finite writes metrics.json with status "diverged" (the tuning
+    table lists it and never chooses it) instead of failing the sweep.
     """
     input:
         dense_model="runs/{dataset}/{backbone}/dense/seed{seed}/model.pt",
@@ -135,6 +137,6 @@ rule train_tuning:
         [ -f {params.run}/checkpoint.pt ] || rm -rf {params.run}
         {params.launcher} train --dataset {wildcards.dataset} --backbone {wildcards.backbone} {params.recipe} \
             --budget {wildcards.budget} --seed {wildcards.seed} --init-from {params.dense} --out {params.run} \
-            --threads {resources.threads_per_process} --set tracking.enabled=false >{log} 2>&1
+            --threads {resources.threads_per_process} --set tracking.enabled=false --record-divergence >{log} 2>&1
         rm -f {params.run}/checkpoint.pt
         """
