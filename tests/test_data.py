@@ -56,7 +56,7 @@ def _assert_same(a, b):
 
 
 def test_registry_lists_all_datasets():
-    assert DATASETS.names() == ["cifar10", "cifar100", "digits-c", "imagenet"]
+    assert DATASETS.names() == ["cifar10", "cifar100", "digits-c", "imagefolder", "imagenet"]
 
 
 def test_unknown_dataset_lists_valid_names():

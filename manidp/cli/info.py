@@ -32,9 +32,17 @@ def _macs(args) -> int:
 
 
 def _datasets(args) -> int:
-    from manidp.data import DATASETS
+    from manidp.data import DATASETS, SHARED_OPTIONS
 
-    print("\n".join(DATASETS.names()))
+    def show(options) -> None:
+        for key, option in options.items():
+            print(f"  data.{key} (default: {option.default_text()}): {option.help}")
+
+    for name in DATASETS.names():
+        print(name)
+        show(DATASETS.get(name).own_options)
+    print("every dataset also takes")
+    show(SHARED_OPTIONS)
     return 0
 
 
@@ -73,7 +81,8 @@ def _no_arguments(p) -> None:
 
 COMMANDS = (
     Command("macs", "dense conv+Linear MACs of a backbone at batch 1", _macs_args, _macs),
-    Command("datasets", "list the registered datasets", _no_arguments, _datasets),
+    Command("datasets", "list the registered datasets and the data.* keys each takes", _no_arguments,
+            _datasets),
     Command("backbones", "list the benchmark backbones (any timm model name also works)", _no_arguments,
             _backbones),
     Command("methods", "list the registered pruning methods", _no_arguments, _methods),

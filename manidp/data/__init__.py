@@ -1,10 +1,13 @@
-"""Datasets: a registry of builders that each return train/val/test :class:`Splits`.
+"""Datasets: a registry of builders that each return train/val/test :class:`Splits` and declare their options.
 
 Importing this package registers every dataset: ``digits-c`` (the embedded
-default benchmark), ``cifar10``/``cifar100`` (torchvision) and ``imagenet``
-(ImageFolder layout, loaded with timm). Use ``build_dataset(name, data_cfg)``.
+default benchmark), ``cifar10``/``cifar100`` (torchvision), ``imagefolder`` (any
+folder in ImageFolder layout, loaded with timm) and ``imagenet`` (a preset of it).
+Use ``build_dataset(name, data_cfg)``; ``DATASETS.get(name).options`` lists the
+``data.*`` keys a dataset takes.
 """
-from manidp.data._registry import DATASETS, Splits, build_dataset, register_dataset
-from manidp.data import digits_c, imagenet, torchvision_sets  # noqa: F401  (registration)
+from manidp.data._registry import (DATASETS, SHARED_OPTIONS, Option, Splits, all_options, build_dataset,
+                                   register_dataset)
+from manidp.data import digits_c, image_folder, imagenet, torchvision_sets  # noqa: F401  (registration)
 
-__all__ = ["DATASETS", "Splits", "build_dataset", "register_dataset"]
+__all__ = ["DATASETS", "SHARED_OPTIONS", "Option", "Splits", "all_options", "build_dataset", "register_dataset"]

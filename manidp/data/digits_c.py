@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from manidp._files import atomic_save
-from manidp.data._registry import Splits, register_dataset
+from manidp.data._registry import Option, Splits, register_dataset
 from manidp.data._subset import limit_splits
 from manidp.errors import UserError
 
@@ -42,6 +42,17 @@ SOURCE_TEST_FRACTION = 0.2
 VAL_FRACTION = 0.1
 COPIES = {"train": 4, "val": 4, "test": 4}
 SPLITS = ("train", "val", "test")
+_AUGMENT = {"type": "number", "minimum": 0}
+OPTIONS = {
+    "digits_c_seed": Option(0, "seed that generates digits-c (whatever the run's seed)",
+                            {"type": "integer", "minimum": 0}),
+    "cache_dir": Option(None, "digits-c cache; null: env MANIDP_CACHE, else ~/.cache/manidp",
+                        {"type": ["string", "null"], "pattern": "\\S"}),
+    "augment_rotation_deg": Option(0, "digits-c training images: random rotation within +-N degrees (0: off)",
+                                   _AUGMENT),
+    "augment_shift_px": Option(0, "digits-c training images: random shift within +-N pixels per axis (0: off)",
+                               _AUGMENT),
+}
 
 
 @dataclass(frozen=True)
@@ -221,7 +232,7 @@ def digits_c_tensors(data_cfg: dict) -> tuple[dict, Path, bool]:
     ``{split}_severity`` and ``{split}_source`` (index of the scikit-learn source
     digit; int64 [N]), plus the train ``mean``/``std`` and the ``params``.
     """
-    seed = data_cfg.get("digits_c_seed", 0)
+    seed = data_cfg.get("digits_c_seed", OPTIONS["digits_c_seed"].default)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"data.digits_c_seed must be an integer, got {seed!r}")
     params = generation_params(seed)
@@ -283,7 +294,7 @@ def _augmentation(data_cfg: dict) -> tuple[float, float]:
     return values[0], values[1]
 
 
-@register_dataset("digits-c")
+@register_dataset("digits-c", OPTIONS)
 def build_digits_c(data_cfg: dict, seed: int = 0) -> Splits:
     """Build digits-c. ``seed`` (the training seed) is deliberately unused."""
     data, path, hit = digits_c_tensors(data_cfg)

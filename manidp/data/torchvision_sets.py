@@ -1,6 +1,6 @@
 """``cifar10`` and ``cifar100`` from torchvision, with a held-out validation split.
 
-The files live under ``data.root`` (default ``./data``); they are downloaded
+The files live under ``data.root`` (default ``data``); they are downloaded
 only when ``data.download: true``. :func:`fetch` gets or checks them once, before
 any training: the workflow's ``check_data`` rule calls it, and its jobs only read
 the files (one download per job would race on the same folder). Validation is a fixed 5,000-image holdout of
@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Subset
 from torchvision import datasets, transforms
 
-from manidp.data._registry import Splits, register_dataset
+from manidp.data._registry import SPLIT_SEED, Option, Splits, register_dataset
 from manidp.data._subset import limit_splits
 from manidp.errors import UserError
 
@@ -29,6 +29,11 @@ _STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 _CLASSES = {"cifar10": (datasets.CIFAR10, 10), "cifar100": (datasets.CIFAR100, 100)}
+OPTIONS = {
+    "root": Option("data", "cifar10/cifar100 folder (torchvision layout)", {"type": "string", "pattern": "\\S"}),
+    "download": Option(False, "let torchvision download CIFAR (needs network)", {"type": "boolean"}),
+    "split_seed": SPLIT_SEED,
+}
 
 
 def _transforms(name: str) -> tuple[transforms.Compose, transforms.Compose]:
@@ -70,18 +75,17 @@ def _open(name: str, root: str, download: bool, transform=None, train: bool = Tr
 def fetch(name: str, data_cfg: dict, keys: str = "data.") -> Path:
     """Download ``name`` into ``data.root`` when ``data.download`` is true and it is missing, else check it is
     there; the folder holding it. One :class:`UserError` (naming ``keys``-prefixed config keys) otherwise."""
-    root = str(data_cfg.get("root", "./data"))
-    _open(name, root, bool(data_cfg.get("download", False)), train=False, keys=keys)
+    root = str(data_cfg.get("root", OPTIONS["root"].default))
+    _open(name, root, bool(data_cfg.get("download", OPTIONS["download"].default)), train=False, keys=keys)
     return Path(root) / _CLASSES[name][0].base_folder
 
 
 def _build(name: str, data_cfg: dict) -> Splits:
-    root = str(data_cfg.get("root", "./data"))
-    split_seed = data_cfg.get("split_seed", 0)
+    root, split_seed = str(data_cfg["root"]), data_cfg["split_seed"]
     cls, num_classes = _CLASSES[name]
     train_tf, eval_tf = _transforms(name)
 
-    train_full = _open(name, root, bool(data_cfg.get("download", False)), train_tf)
+    train_full = _open(name, root, bool(data_cfg["download"]), train_tf)
     eval_full = cls(root, train=True, transform=eval_tf)  # same images, eval transform
     test = cls(root, train=False, transform=eval_tf)
 
@@ -104,13 +108,13 @@ def _build(name: str, data_cfg: dict) -> Splits:
     return limit_splits(splits, data_cfg)
 
 
-@register_dataset("cifar10")
+@register_dataset("cifar10", OPTIONS)
 def build_cifar10(data_cfg: dict, seed: int = 0) -> Splits:
     """CIFAR-10; ``seed`` (the training seed) does not affect the splits."""
     return _build("cifar10", data_cfg)
 
 
-@register_dataset("cifar100")
+@register_dataset("cifar100", OPTIONS)
 def build_cifar100(data_cfg: dict, seed: int = 0) -> Splits:
     """CIFAR-100; ``seed`` (the training seed) does not affect the splits."""
     return _build("cifar100", data_cfg)
