@@ -11,7 +11,9 @@ each way to run it is timed on the calling thread's CPU clock (best of
 * ``miss_channels_last``: the same, reordered from an input-channels-last copy (what the deployed form does);
 * ``miss_unpacked``: gather, and let oneDNN reorder inside the call (``mkldnn_convolution``);
 * ``gemm_im2col``: gather the kept weight as a ``[k_out, k_in * 9]`` matrix and multiply it with
-  ``F.unfold`` of the input (no weight reorder at all).
+  ``F.unfold`` of the input (no weight reorder at all);
+* ``miss_gather_op``: ``manidp::gather_slice`` gathers straight into channels-last in one pass, then
+  the reorder (what the deployed form does when the compiled ops are built; absent otherwise).
 
     python benchmarks/miss_path.py              # keep 0.67 of each side (about 0.45 of the MACs)
 """
@@ -25,6 +27,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from manidp import kernels
 
 STAGES = ((64, 56), (128, 28), (256, 14), (512, 7))
 
@@ -74,6 +78,10 @@ def stage(channels: int, size: int, keep: float, repeats: int, generator: torch.
         columns = F.unfold(x, 3, padding=1)[0]  # [k_in * 9, H * W]
         return torch.addmm(b[:, None], w.reshape(kept, -1), columns).view(1, kept, size, size)
 
+    def miss_op():
+        w = torch.ops.manidp.gather_slice(weight, rows, cols)
+        return conv(x, reorder(w, *geometry, 1, list(x.shape)), bias.index_select(0, rows))
+
     expected = conv(x, hit_packed, bias.index_select(0, rows))
     for way in (lambda: miss(True), lambda: miss(False), unpacked, gemm):  # every row computes the same output
         torch.testing.assert_close(way(), expected, rtol=1e-3, atol=1e-3)
@@ -88,6 +96,10 @@ def stage(channels: int, size: int, keep: float, repeats: int, generator: torch.
               gathered()[0].contiguous(memory_format=torch.channels_last), *geometry, 1, list(x.shape)), repeats)}
     ms["reorder_oihw"] -= ms["gather"]
     ms["reorder_channels_last"] -= ms["gather"]
+    if kernels.load():
+        torch.testing.assert_close(miss_op(), expected, rtol=1e-3, atol=1e-3)
+        ms["miss_gather_op"] = _best(miss_op, repeats)
+        ms["gather_op"] = _best(lambda: torch.ops.manidp.gather_slice(weight, rows, cols), repeats)
     return {"benchmark": "miss_path", "channels": channels, "size": size, "kept": kept, "threads":
             torch.get_num_threads(), "ms": ms, "over_dense": {k: v / ms["dense"] for k, v in ms.items()},
             "load_average": os.getloadavg()}

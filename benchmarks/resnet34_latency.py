@@ -26,7 +26,6 @@ import sys
 import timm
 import torch
 
-from manidp.gating import slices as gating  # the ablation flips its channels-last reorder flag
 from manidp.gating import (DEFAULT_SLICE_CACHE_MB, deploy_model, deployed_blocks, insert_gates, kept_channels,
                            slice_cache)
 from manidp.latency import (MEMORY_FORMATS, InMemoryFormat, distinct_kept_sets, hardware_profile, measure_latency,
@@ -203,8 +202,9 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
     as ATen ops); ``no_kept_padding``: kept sets not padded to oneDNN's SIMD
     block (every new kept count a new convolution shape, a new oneDNN
     primitive);
-    ``channels_last_reorder``: slices reordered into oneDNN's layout from an
-    input-channels-last copy rather than from OIHW (what a cache miss pays).
+    ``aten_gather``: a miss gathers its kept weights with two ATen
+    index_selects and reorders them from OIHW, instead of
+    ``manidp::gather_slice`` writing them channels-last in one pass.
     Each is planned and warmed on ``plan_inputs`` and its slice cache
     restored before every pass. Ratios are against the optimized dense
     reference.
@@ -214,12 +214,10 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
     restore = {}
 
     def variant(name, cache_mb=args.slice_cache_mb, memory_format=fmt, eager_gates=False, compiled=True,
-                dispatch=True, kept_block=None, reorder_channels_last=False):
-        default = gating._REORDER_FROM_CHANNELS_LAST
-        gating._REORDER_FROM_CHANNELS_LAST = reorder_channels_last  # slices packed while planning and warming
+                dispatch=True, kept_block=None, gather_kernel=True):
         deployed = deploy_model(gated, slice_cache_mb=cache_mb)
         for block in deployed_blocks(deployed).values():
-            block.use_kernels = compiled
+            block.use_kernels, block.gather_kernel = compiled, gather_kernel
             if kept_block is not None:
                 block.kept_block = kept_block
             if eager_gates:
@@ -231,19 +229,9 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
             with torch.inference_mode():
                 for x in plan_inputs:
                     runnable(x.clone())
-        gating._REORDER_FROM_CHANNELS_LAST = default
         warm = slice_cache(deployed).snapshot()
         restore[name] = lambda: slice_cache(deployed).restore(warm)
-        if reorder_channels_last == default:
-            return runnable
-
-        def run(x, runnable=runnable):  # its misses while timed too
-            gating._REORDER_FROM_CHANNELS_LAST = reorder_channels_last
-            try:
-                return runnable(x)
-            finally:
-                gating._REORDER_FROM_CHANNELS_LAST = default
-        return run
+        return runnable
 
     models = {"dense_eager": dense, "dense": reference, "full": variant("full"),
               "no_slice_cache": variant("no_slice_cache", cache_mb=0),
@@ -251,7 +239,7 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
               "nchw": variant("nchw", memory_format="contiguous" if fmt == "channels_last" else "channels_last"),
               "no_dispatch": variant("no_dispatch", dispatch=False),
               "no_kept_padding": variant("no_kept_padding", kept_block=1),
-              "channels_last_reorder": variant("channels_last_reorder", reorder_channels_last=True)}
+              "aten_gather": variant("aten_gather", gather_kernel=False)}
     times = measure_latency(models, inputs, args.warmup, args.repeats, args.clock, restore)
     medians = {name: spread(t)["median"] for name, t in times.items()}
     return {"benchmark": "resnet34_latency_ablations", "threads": threads, "clock": args.clock,

@@ -377,3 +377,55 @@ def test_kernel_scales_bf16_maps_as_the_aten_form_bit_for_bit():
         assert torch.equal(gate.kernel_spec().mask(xs) != 0, mask != 0)
         out = gate.kernel_spec()(xs, ys.clone())
         assert torch.equal(out, ys * mask.to(torch.bfloat16)[:, :, None, None])
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_slice_equals_index_select_and_writes_channels_last(two_threads, dtype):
+    """The kept weights of a slice-cache miss: weight[rows][:, cols] in one pass, channels-last, the same on
+    one and two threads (rows of 3x3 and 1x1 weights, rows or cols left out)."""
+    generator = torch.Generator().manual_seed(3)
+    assert kernels.available()
+    for shape in ((96, 80, 3, 3), (64, 48, 1, 1)):
+        weight = torch.randn(*shape, generator=generator).to(dtype)
+        rows = torch.randperm(shape[0], generator=generator)[:37].sort().values
+        cols = torch.randperm(shape[1], generator=generator)[:29].sort().values
+        for r, c in ((rows, cols), (rows, None), (None, cols)):
+            expected = weight if r is None else weight.index_select(0, r)
+            expected = expected if c is None else expected.index_select(1, c)
+            runs = []
+            for threads in (2, 1):
+                torch.set_num_threads(threads)
+                runs.append(torch.ops.manidp.gather_slice(weight, r, c))
+            got = runs[0]
+            assert torch.equal(got, expected) and torch.equal(runs[0], runs[1]) and got.dtype == dtype
+            assert got.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="out of range for 80 channels"):
+        torch.ops.manidp.gather_slice(torch.randn(96, 80, 3, 3), rows, cols + 80)
+    with pytest.raises(RuntimeError, match="contiguous 4-D fp32 or bf16"):
+        torch.ops.manidp.gather_slice(torch.randn(96, 80, 3, 3).contiguous(memory_format=torch.channels_last),
+                                      rows, cols)
+
+
+@needs_compiler
+def test_gathered_blocks_equal_the_masked_model_with_and_without_the_gather_op():
+    """A miss gathers through manidp::gather_slice (channels-last slices, reordered as they are) or through
+    ATen (OIHW): the deployed outputs equal the masked model's either way, and the op is what runs."""
+    from unittest import mock
+
+    model = _deployed_manidp()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        masked = model(x)
+        outs = {}
+        for use_op in (True, False):
+            deployed = deploy_model(model)
+            for block in deployed_blocks(deployed).values():
+                block.path, block.gather_kernel = "gathered", use_op
+            with mock.patch.object(torch.ops.manidp, "gather_slice",
+                                   wraps=torch.ops.manidp.gather_slice) as op:
+                outs[use_op] = torch.cat([deployed(x[i:i + 1].clone().contiguous(
+                    memory_format=torch.channels_last)) for i in range(2)])
+            assert (op.call_count > 0) == use_op
+    for out in outs.values():
+        assert (out - masked).abs().max() <= 1e-4 * masked.abs().max()

@@ -139,6 +139,7 @@ class _Deployed(DataDependent):
         self.cache = SliceCache(int(DEFAULT_SLICE_CACHE_MB * 2 ** 20))
         self.recorded: Optional[list] = None  # masks of dense calls, while a plan counts kept channels
         self.use_kernels = True  # the compiled ops where they run (False: ATen only, to compare)
+        self.gather_kernel = True  # kept weights through manidp::gather_slice (False: ATen's, to compare)
         self.kept_block = _simd_block()  # kept sets padded to a multiple of this (:meth:`_kept`; 1: not padded)
         self.full = _PackedConvs()  # the dense path's convolutions and the shortcut, prepacked per input shape
 
@@ -256,6 +257,19 @@ class _Deployed(DataDependent):
 
         return self.cache.get((id(self), "kept", key), build), key
 
+    def _gather(self, weight: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """``weight[rows][:, cols]`` (None: every channel), what a slice-cache miss gathers. The compiled op
+        writes it channels-last in one pass, the layout oneDNN's reorder reads fastest; ATen takes two
+        index_selects and leaves it OIHW."""
+        if (self.use_kernels and getattr(self, "gather_kernel", True) and weight.is_cpu and weight.dim() == 4
+                and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
+                and kernels.available()):
+            return torch.ops.manidp.gather_slice(weight, rows, cols)
+        if rows is not None:
+            weight = weight.index_select(0, rows)
+        return weight if cols is None else weight.index_select(1, cols)
+
     def _slice(self, name: str, keys: tuple, build: Callable[[bool], _SlicedConv]) -> _SlicedConv:
         """The cached slice ``build(pack)`` makes; packing (a reorder of the whole slice) only pays when
         the slice is reused, so a cache with no room gets plain slices."""
@@ -272,7 +286,7 @@ class _Deployed(DataDependent):
         mask = self._mask_of(0, x)
         index, key = self._kept(mask)
         conv = self._slice(name, (key, x.shape), lambda pack: _SlicedConv(
-            weight.index_select(0, index), bias.index_select(0, index), geometry, 1, x.shape, pack))
+            self._gather(weight, index), bias.index_select(0, index), geometry, 1, x.shape, pack))
         return mask, index, key, conv
 
     def _full_conv(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -50,10 +50,6 @@ def _simd_block() -> int:
     return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 
 
-#: Whether :class:`_SlicedConv` reorders weights from an input-channels-last copy (an ablation; default OIHW).
-_REORDER_FROM_CHANNELS_LAST = False
-
-
 @dataclass(frozen=True)
 class _ConvGeometry:
     stride: tuple
@@ -77,11 +73,11 @@ class _SlicedConv:
         self.packed = pack and _PACKED and weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16)
         if self.packed:
             g = geometry
-            # from OIHW by default: an input-channels-last copy first makes oneDNN's reorder itself faster
-            # (its blocked layouts keep input channels innermost), but the copy eats the gain on a cache
-            # miss (benchmarks/miss_path.py, the resnet34 ablation row channels_last_reorder)
-            source = weight.contiguous(memory_format=torch.channels_last) if _REORDER_FROM_CHANNELS_LAST \
-                and weight.dim() == 4 else weight.contiguous()
+            # A channels-last slice (manidp::gather_slice writes one) is reordered as it is: oneDNN's
+            # blocked layouts keep input channels innermost, so that reorder is the fast one; copying an
+            # OIHW slice to channels-last first would cost what it saves (benchmarks/miss_path.py).
+            source = weight if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) \
+                else weight.contiguous()
             weight = torch.ops.mkldnn._reorder_convolution_weight(
                 source, list(g.padding), list(g.stride), list(g.dilation), groups, list(input_shape))
         self.weight, self.bias = weight, bias

@@ -12,6 +12,9 @@
   values, in place, and the ``[1, C, 1, 1]`` pool the next gate reads.
 * ``add_channels_(out, index, z, mask, relu)``: the residual sum at the kept
   channels (``z`` scaled by its mask values) and the ReLU, in one pass.
+* ``gather_slice(weight, rows, cols)``: ``weight[rows][:, cols]`` of an OIHW
+  weight, written channels-last in one pass: the kept weights of a slice-cache
+  miss, in the layout oneDNN reorders from fastest.
 
 At batch 1 on small feature maps a gate written as ATen ops is about ten
 dispatches, each costing more than its arithmetic; each of these ops is one
@@ -50,7 +53,7 @@ from manidp.kernels._toolchain import SOURCE, _compiler  # noqa: F401  (_compile
 
 __all__ = ["load", "status", "available", "threading", "cache_dir", "SOURCE"]
 
-OPS = ("gate_scale_", "gate_mask", "scale_pool_", "add_channels_")
+OPS = ("gate_scale_", "gate_mask", "scale_pool_", "add_channels_", "gather_slice")
 
 _state: dict[str, Optional[str]] = {"status": None}
 # what this process dlopened: it stays loaded when the status is reset, so it is kept apart from it

@@ -6,7 +6,7 @@
 // biases (no second layer: L1 alone); act is a ReLU when relu_out; select keeps values > cut (ManiDP's
 // threshold) and, when topk > 0, only the topk largest (FBS's winner-take-all; ties go to the lower
 // channel). gate_mask (gathered path): the same mask, returned. scale_pool_ and add_channels_: the
-// gathered path's glue (see below).
+// gathered path's glue; gather_slice: the kept weights of a slice-cache miss (see below).
 //
 // At batch 1 on small feature maps a gate written as ATen ops costs about ten dispatches of ~1 us
 // each; here it is one. Arithmetic in fp32 (pools accumulate in fp64), whatever the activations'
@@ -20,12 +20,14 @@
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -380,6 +382,50 @@ at::Tensor& add_channels_(at::Tensor& out, const at::Tensor& index, const at::Te
   return out;
 }
 
+// ---------------------------------------------------------------- kept weights (a slice-cache miss)
+// gather_slice(weight, rows, cols) = weight[rows][:, cols] of a contiguous OIHW weight, written
+// channels_last ([O', kh, kw, I'] in memory) in one pass. oneDNN's blocked weight layouts keep input
+// channels innermost, so its reorder runs several times faster from channels_last than from OIHW; ATen
+// would need two index_selects and a layout copy to get there (benchmarks/miss_path.py). None for rows
+// or cols keeps every output or input channel. Elements are copied as raw 2- or 4-byte words (bf16 or
+// fp32); output rows are independent, so the rows split between threads with no shared state.
+template <typename Word>
+void gather_words(const Word* src, Word* dst, const int64_t* rows, const int64_t* cols, int64_t n_rows,
+                  int64_t n_cols, int64_t in_channels, int64_t taps) {
+  at::parallel_for(0, n_rows, 16, [&](int64_t first, int64_t last) {
+    for (int64_t o = first; o < last; ++o) {
+      const Word* s = src + (rows ? rows[o] : o) * in_channels * taps;
+      Word* d = dst + o * taps * n_cols;
+      for (int64_t j = 0; j < n_cols; ++j) {
+        const Word* sj = s + (cols ? cols[j] : j) * taps;
+        for (int64_t t = 0; t < taps; ++t) d[t * n_cols + j] = sj[t];
+      }
+    }
+  });
+}
+
+at::Tensor gather_slice(const at::Tensor& weight, const std::optional<at::Tensor>& rows,
+                        const std::optional<at::Tensor>& cols) {
+  TORCH_CHECK(weight.dim() == 4 && weight.device().is_cpu() && weight.is_contiguous() &&
+              (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              "manidp gather_slice: weight must be a contiguous 4-D fp32 or bf16 CPU tensor (OIHW)");
+  const int64_t O = weight.size(0), I = weight.size(1), taps = weight.size(2) * weight.size(3);
+  const int64_t n_rows = rows ? rows->numel() : O, n_cols = cols ? cols->numel() : I;
+  if (rows) check_index(*rows, n_rows, O);
+  if (cols) check_index(*cols, n_cols, I);
+  at::Tensor out = at::empty({n_rows, n_cols, weight.size(2), weight.size(3)},
+                             weight.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t* r = rows ? rows->data_ptr<int64_t>() : nullptr;
+  const int64_t* c = cols ? cols->data_ptr<int64_t>() : nullptr;
+  if (weight.element_size() == 4)
+    gather_words(static_cast<const uint32_t*>(weight.data_ptr()), static_cast<uint32_t*>(out.data_ptr()), r, c,
+                 n_rows, n_cols, I, taps);
+  else
+    gather_words(static_cast<const uint16_t*>(weight.data_ptr()), static_cast<uint16_t*>(out.data_ptr()), r, c,
+                 n_rows, n_cols, I, taps);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(manidp, m) {
@@ -389,6 +435,7 @@ TORCH_LIBRARY(manidp, m) {
         "bool abs_pool, float clamp_max, float cut, int topk, int round_to) -> Tensor");
   m.def("scale_pool_(Tensor(a!) y, Tensor index, Tensor mask) -> Tensor");
   m.def("add_channels_(Tensor(a!) out, Tensor index, Tensor z, Tensor mask, bool relu) -> Tensor(a!)");
+  m.def("gather_slice(Tensor weight, Tensor? rows, Tensor? cols) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(manidp, CPU, m) {
@@ -396,4 +443,5 @@ TORCH_LIBRARY_IMPL(manidp, CPU, m) {
   m.impl("gate_mask", &gate_mask);
   m.impl("scale_pool_", &scale_pool_);
   m.impl("add_channels_", &add_channels_);
+  m.impl("gather_slice", &gather_slice);
 }

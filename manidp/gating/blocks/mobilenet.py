@@ -53,10 +53,10 @@ class DeployedInvertedResidual(_Deployed):
         m, k, key, pw = self._first_slice("pw", x, self.w1, self.b1, g1)
         y = self.act1(pw(x, False))
         dw = self._slice("dw", (key, y.shape[2:]), lambda pack: _SlicedConv(
-            self.wd.index_select(0, k), self.bd.index_select(0, k), gd, k.numel(), y.shape, pack))
+            self._gather(self.wd, k), self.bd.index_select(0, k), gd, k.numel(), y.shape, pack))
         y = _scale(self.act2(dw(y, False)), m, k)
         pwl = self._slice("pwl", (key, y.shape[2:]), lambda pack: _SlicedConv(
-            self.w3.index_select(1, k), self.b3, g3, 1, y.shape, pack))
+            self._gather(self.w3, None, k), self.b3, g3, 1, y.shape, pack))
         out = self.act3(pwl(y, False))
         return out.add_(x) if self.has_skip else out
 

@@ -56,7 +56,7 @@ class DeployedBasicBlock(_Deployed):
         m2 = self._mask_of(1, pooled, pooled=True)
         k2, key2 = self._kept(m2)
         conv2 = self._slice("conv2", (key1, key2, y.shape[2:]), lambda pack: _SlicedConv(
-            self.w2.index_select(0, k2).index_select(1, k1), self.b2.index_select(0, k2), self.geo2, 1, y.shape, pack))
+            self._gather(self.w2, k2, k1), self.b2.index_select(0, k2), self.geo2, 1, y.shape, pack))
         z = conv2(y, False)
         shortcut = self._shortcut(x)
         return _residual_relu(shortcut, k2, z, m2, self.act2, self.use_kernels)
@@ -100,11 +100,11 @@ class DeployedBottleneck(_Deployed):
         m2 = self._mask_of(1, pooled, pooled=True)
         k2, key2 = self._kept(m2)
         conv2 = self._slice("conv2", (key1, key2, y.shape[2:]), lambda pack: _SlicedConv(
-            self.w2.index_select(0, k2).index_select(1, k1), self.b2.index_select(0, k2), g2, 1, y.shape, pack))
+            self._gather(self.w2, k2, k1), self.b2.index_select(0, k2), g2, 1, y.shape, pack))
         y2 = conv2(y, self.relu2)
         y2 = _scale(y2 if self.relu2 else self.act2(y2), m2, k2)
         conv3 = self._slice("conv3", (key2, y2.shape[2:]), lambda pack: _SlicedConv(
-            self.w3.index_select(1, k2), self.b3, g3, 1, y2.shape, pack))
+            self._gather(self.w3, None, k2), self.b3, g3, 1, y2.shape, pack))
         shortcut = self._shortcut(x)
         return self.act3(conv3(y2, False).add_(shortcut))
 
