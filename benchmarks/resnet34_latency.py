@@ -196,7 +196,8 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
 
     ``full``: everything; ``no_slice_cache``: slices gathered (unpacked) on
     every call; ``eager_gates``: gates as eager modules, not frozen TorchScript;
-    ``nchw``: NCHW activations instead of the dense reference's format;
+    ``reference_format``: the dense reference's memory format, where ``full``
+    times both formats on the planning instances and keeps the faster;
     ``no_dispatch``: every block gathered, nothing compiled; ``aten_ops``: no
     compiled ops (:mod:`manidp.kernels`: gate, scale + pool, residual + ReLU
     as ATen ops); ``no_kept_padding``: kept sets not padded to oneDNN's SIMD
@@ -204,7 +205,9 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
     primitive);
     ``aten_gather``: a miss gathers its kept weights with two ATen
     index_selects and reorders them from OIHW, instead of
-    ``manidp::gather_slice`` writing them channels-last in one pass.
+    ``manidp::gather_slice`` writing them channels-last in one pass;
+    ``pack_on_miss``: a slice is packed when it is gathered, not on its first
+    reuse (a kept set that never recurs pays a reorder it never uses).
     Each is planned and warmed on ``plan_inputs`` and its slice cache
     restored before every pass. Ratios are against the optimized dense
     reference.
@@ -214,32 +217,36 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
     restore = {}
 
     def variant(name, cache_mb=args.slice_cache_mb, memory_format=fmt, eager_gates=False, compiled=True,
-                dispatch=True, kept_block=None, gather_kernel=True):
+                dispatch=True, kept_block=None, gather_kernel=True, pack_on_reuse=True, choose_format=True):
         deployed = deploy_model(gated, slice_cache_mb=cache_mb)
         for block in deployed_blocks(deployed).values():
-            block.use_kernels, block.gather_kernel = compiled, gather_kernel
+            block.use_kernels, block.gather_kernel, block.pack_on_reuse = compiled, gather_kernel, pack_on_reuse
             if kept_block is not None:
                 block.kept_block = kept_block
             if eager_gates:
                 block.fused = [getattr(block, f"gate{i + 1}") for i in range(len(block.fused))]
+        cache = slice_cache(deployed)
         if dispatch:
-            runnable = prepare_deployed(deployed, plan_inputs, memory_format, mode)[0]
+            runnable, prepared = prepare_deployed(deployed, plan_inputs, memory_format, mode,
+                                                  choose_format=choose_format)
+            cache = prepared["cache"]  # a copy's, when the other memory format won
         else:
             runnable = InMemoryFormat(deployed.to(memory_format=MEMORY_FORMATS[memory_format]), memory_format)
             with torch.inference_mode():
                 for x in plan_inputs:
                     runnable(x.clone())
-        warm = slice_cache(deployed).snapshot()
-        restore[name] = lambda: slice_cache(deployed).restore(warm)
+        warm = cache.snapshot()
+        restore[name] = lambda: cache.restore(warm)
         return runnable
 
     models = {"dense_eager": dense, "dense": reference, "full": variant("full"),
               "no_slice_cache": variant("no_slice_cache", cache_mb=0),
               "eager_gates": variant("eager_gates", eager_gates=True), "aten_ops": variant("aten_ops", compiled=False),
-              "nchw": variant("nchw", memory_format="contiguous" if fmt == "channels_last" else "channels_last"),
+              "reference_format": variant("reference_format", choose_format=False),
               "no_dispatch": variant("no_dispatch", dispatch=False),
               "no_kept_padding": variant("no_kept_padding", kept_block=1),
-              "aten_gather": variant("aten_gather", gather_kernel=False)}
+              "aten_gather": variant("aten_gather", gather_kernel=False),
+              "pack_on_miss": variant("pack_on_miss", pack_on_reuse=False)}
     times = measure_latency(models, inputs, args.warmup, args.repeats, args.clock, restore)
     medians = {name: spread(t)["median"] for name, t in times.items()}
     return {"benchmark": "resnet34_latency_ablations", "threads": threads, "clock": args.clock,

@@ -269,6 +269,32 @@ def test_slice_cache_hits_repeated_sets_and_stays_under_its_cap():
     assert _rel_error(out, masked) <= 1e-4  # evicted slices are rebuilt, outputs unchanged
 
 
+def test_a_slice_is_packed_on_its_first_reuse_and_a_snapshot_keeps_the_plain_one():
+    """A miss runs its slice plain; the first hit replaces it with a packed copy (so kept sets that never
+    recur never pay a reorder), and a snapshot taken before that hit still holds the plain slice."""
+    from manidp.gating.slices import _PACKED
+
+    model, x, masked, deployed = _masked_and_deployed("resnet18")
+    cache = slice_cache(deployed)
+    single = x[:1]
+    with torch.no_grad():
+        first = deployed(single.clone())
+        plain = cache.snapshot()
+        assert cache.hits == 0 and all(not v.packed for v, _ in plain[0].values() if hasattr(v, "packed"))
+        second = deployed(single.clone())
+    slices = [v for v, _ in cache.snapshot()[0].values() if hasattr(v, "packed")]
+    assert cache.hits > 0 and slices and all(v.packed for v in slices) == _PACKED
+    assert all(not v.packed for v, _ in plain[0].values() if hasattr(v, "packed"))
+    assert torch.equal(first, second) or _rel_error(second, first) <= 1e-5
+    assert _rel_error(first, masked[:1]) <= 1e-4
+    eager = deploy_model(model)
+    for block in deployed_blocks(eager).values():
+        block.pack_on_reuse = False
+    with torch.no_grad():
+        eager(single.clone())
+    assert all(v.packed for v, _ in slice_cache(eager).snapshot()[0].values() if hasattr(v, "packed")) == _PACKED
+
+
 def test_slice_cache_refuses_a_negative_cap():
     with pytest.raises(UserError, match=">= 0"):
         SliceCache(-1)

@@ -128,3 +128,72 @@ def test_compiled_and_aten_gates_are_equal_up_to_near_threshold_ties(tmp_path_fa
         assert bool(near[differ].all()), "a mask flip away from the threshold: the forms disagree for real"
     assert entries > 0 and flips / entries < 0.01
     print(f"mask flips between the compiled and ATen gates: {flips} of {entries}")
+
+
+def test_the_deployed_form_keeps_the_memory_format_it_runs_fastest_in(monkeypatch):
+    """With a block on the gathered path both formats are prepared and timed on the planning instances (a
+    fake timer here: NCHW wins), the faster is kept with its own slice cache, and its outputs equal the
+    gated model's; a form whose blocks all run dense keeps the reference's format untimed."""
+    from manidp.gating import deployed_blocks, slice_cache
+    from manidp.latency import plan as latency_plan
+
+    torch.manual_seed(0)
+    gated = build_backbone("cifar_resnet20", 10, 3).eval()
+    insert_gates(gated, SaliencyGate)
+    inputs = [torch.randn(1, 3, 16, 16) for _ in range(2)]
+    real_plan = latency_plan.plan_deployment
+
+    def plan_with(path):
+        def plan(model, *args, **kwargs):
+            entries = real_plan(model, *args, **kwargs)
+            for name, block in deployed_blocks(model).items():
+                block.path = entries[name]["path"] = path
+            return entries
+        return plan
+
+    timed = []
+
+    def fake_served_ms(runnable, cache, planning, repeats):
+        timed.append(runnable.memory_format)
+        with torch.inference_mode():
+            runnable(planning[0].clone())  # it runs
+        return {"channels_last": 2.0, "contiguous": 1.0}[runnable.memory_format]
+
+    monkeypatch.setattr(latency_plan, "_served_ms", fake_served_ms)
+    monkeypatch.setattr(latency_plan, "plan_deployment", plan_with("gathered"))
+    deployed = deploy_model(gated)
+    runnable, info = latency_plan.prepare_deployed(deployed, inputs, "channels_last", "onednn", plan_repeats=1)
+    assert sorted(timed) == ["channels_last", "contiguous"]
+    assert info["memory_format"] == runnable.memory_format == "contiguous"
+    assert info["memory_format_ms"] == {"channels_last": 2.0, "contiguous": 1.0}
+    assert info["cache"] is not slice_cache(deployed)  # the copy prepared in NCHW won
+    with torch.no_grad():
+        for x in inputs:
+            assert torch.allclose(runnable(x.clone()), gated(x), rtol=1e-4, atol=1e-5)
+    timed.clear()
+    monkeypatch.setattr(latency_plan, "plan_deployment", plan_with("dense"))
+    deployed = deploy_model(gated)
+    runnable, info = latency_plan.prepare_deployed(deployed, inputs, "channels_last", "onednn", plan_repeats=1)
+    assert not timed and info["memory_format"] == "channels_last" and info["memory_format_ms"] is None
+    assert info["cache"] is slice_cache(deployed)
+
+
+def test_served_time_leaves_the_slice_cache_as_it_found_it():
+    from manidp.gating import deployed_blocks
+    from manidp.latency import plan as latency_plan
+
+    torch.manual_seed(0)
+    gated = build_backbone("cifar_resnet20", 10, 3).eval()
+    insert_gates(gated, SaliencyGate)
+    deployed = deploy_model(gated)
+    for block in deployed_blocks(deployed).values():
+        block.path = "gathered"
+    runnable = latency.InMemoryFormat(deployed, "channels_last")
+    inputs = [torch.randn(1, 3, 16, 16) for _ in range(2)]
+    cache = deployed_blocks(deployed)["layer1.0"].cache
+    with torch.no_grad():
+        runnable(inputs[0].clone())
+    before = dict(cache.snapshot()[0])
+    assert before and latency_plan._served_ms(runnable, cache, inputs, 1) > 0
+    after = dict(cache.snapshot()[0])
+    assert after.keys() == before.keys() and all(after[k][0] is before[k][0] for k in before)

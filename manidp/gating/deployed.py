@@ -140,6 +140,7 @@ class _Deployed(DataDependent):
         self.recorded: Optional[list] = None  # masks of dense calls, while a plan counts kept channels
         self.use_kernels = True  # the compiled ops where they run (False: ATen only, to compare)
         self.gather_kernel = True  # kept weights through manidp::gather_slice (False: ATen's, to compare)
+        self.pack_on_reuse = True  # slices packed on their first hit (False: on the miss, to compare)
         self.kept_block = _simd_block()  # kept sets padded to a multiple of this (:meth:`_kept`; 1: not padded)
         self.full = _PackedConvs()  # the dense path's convolutions and the shortcut, prepacked per input shape
 
@@ -271,13 +272,28 @@ class _Deployed(DataDependent):
         return weight if cols is None else weight.index_select(1, cols)
 
     def _slice(self, name: str, keys: tuple, build: Callable[[bool], _SlicedConv]) -> _SlicedConv:
-        """The cached slice ``build(pack)`` makes; packing (a reorder of the whole slice) only pays when
-        the slice is reused, so a cache with no room gets plain slices."""
+        """The cached slice ``build(pack)`` makes, packed from its second use on.
+
+        Packing (a reorder of the whole slice into oneDNN's layout) only pays when the slice is reused:
+        on a miss the slice runs plain (oneDNN reorders inside that one call), and a hit on a plain slice
+        packs it, once. Kept sets that vary per instance then pay no packing they never use
+        (``pack_on_reuse`` False packs on the miss, to compare); recurring ones run packed from their
+        second use. The packed slice replaces the plain one in the cache instead of changing it, so a
+        restored snapshot holds what it held.
+        """
+        key = (id(self), name, *keys)
+        eager = not getattr(self, "pack_on_reuse", True)
+
         def sized():
-            sliced = build(self.cache.max_bytes > 0)
+            sliced = build(eager and self.cache.max_bytes > 0)
             return sliced, sliced.nbytes
 
-        return self.cache.get((id(self), name, *keys), sized)
+        hits = self.cache.hits
+        conv = self.cache.get(key, sized)
+        if self.cache.hits > hits and not conv.packed and conv.packable:
+            conv = conv.packed_copy()
+            self.cache.replace(key, conv)
+        return conv
 
     def _first_slice(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                      geometry: _ConvGeometry) -> tuple[torch.Tensor, torch.Tensor, bytes, _SlicedConv]:

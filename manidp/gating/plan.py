@@ -20,7 +20,7 @@ from manidp.errors import UserError
 from manidp.gating.deployed import _Deployed, deployed_blocks
 from manidp.gating.fusion import trace_and_freeze
 
-__all__ = ["plan_deployment", "compile_deployed"]
+__all__ = ["plan_deployment", "compile_deployed", "time_call"]
 
 
 def _clock() -> Callable[[], float]:
@@ -29,7 +29,7 @@ def _clock() -> Callable[[], float]:
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
-def _time_call(func: Callable, inputs: Sequence[torch.Tensor], repeats: int,
+def time_call(func: Callable, inputs: Sequence[torch.Tensor], repeats: int,
                before: Optional[Callable[[int], None]] = None) -> float:
     """Fastest over ``repeats`` of the mean time (ms) of ``func`` over ``inputs`` (each cloned: blocks
     may overwrite their input), after one untimed pass. The minimum, not the median: other jobs on a
@@ -122,8 +122,8 @@ def plan_deployment(model: nn.Module, inputs: Sequence[torch.Tensor], repeats: i
             continue
         dense = trace_and_freeze(_DensePath(block), block_inputs[0]) if freeze_dense else block.dense
         before = _leave_one_out(block, block_inputs)
-        gathered_ms = _time_call(block.gathered, block_inputs, repeats, before)
-        dense_ms = _time_call(dense, block_inputs, repeats)
+        gathered_ms = time_call(block.gathered, block_inputs, repeats, before)
+        dense_ms = time_call(dense, block_inputs, repeats)
         block.path = "gathered" if gathered_ms < dense_ms else "dense"
         plan[name] = {"path": block.path, "gathered_ms": gathered_ms, "dense_ms": dense_ms, "kept": kept}
     return plan

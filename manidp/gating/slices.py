@@ -64,13 +64,14 @@ class _ConvGeometry:
 class _SlicedConv:
     """A BN-folded convolution restricted to some channels, ready to run (prepacked when oneDNN allows)."""
 
-    __slots__ = ("weight", "bias", "geometry", "groups", "packed", "nbytes")
+    __slots__ = ("weight", "bias", "geometry", "groups", "packed", "packable", "nbytes", "input_shape")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, geometry: _ConvGeometry, groups: int,
                  input_shape: Sequence[int], pack: bool = True):
-        self.geometry, self.groups = geometry, groups
+        self.geometry, self.groups, self.input_shape = geometry, groups, tuple(input_shape)
         self.nbytes = weight.numel() * weight.element_size() + bias.numel() * bias.element_size()
-        self.packed = pack and _PACKED and weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16)
+        self.packable = _PACKED and weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16)
+        self.packed = pack and self.packable
         if self.packed:
             g = geometry
             # A channels-last slice (manidp::gather_slice writes one) is reordered as it is: oneDNN's
@@ -81,6 +82,10 @@ class _SlicedConv:
             weight = torch.ops.mkldnn._reorder_convolution_weight(
                 source, list(g.padding), list(g.stride), list(g.dilation), groups, list(input_shape))
         self.weight, self.bias = weight, bias
+
+    def packed_copy(self) -> "_SlicedConv":
+        """This slice packed (a plain slice's weight is still the gathered one)."""
+        return _SlicedConv(self.weight, self.bias, self.geometry, self.groups, self.input_shape, pack=True)
 
     def __call__(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
         g = self.geometry
@@ -137,6 +142,12 @@ class SliceCache:
                 self.bytes -= freed
                 self.evictions += 1
         return value
+
+    def replace(self, key, value) -> None:
+        """Put ``value`` in place of the entry for ``key`` (same size accounted), if the entry is cached."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries[key] = (value, entry[1])
 
     def clear(self) -> None:
         self._entries.clear()

@@ -141,7 +141,8 @@ def time_side_by_side(dense_eager: nn.Module, deployed: nn.Module, batches: Sequ
         cache = info["cache"]
         warm = cache.snapshot()
         before_pass = {"deployed": lambda: cache.restore(warm)}
-        fields.update(deployed_mode=info["mode"], dispatch_plan=info["plan"],
+        fields.update(deployed_mode=info["mode"], deployed_memory_format=info["memory_format"],
+                      memory_format_ms=info["memory_format_ms"], dispatch_plan=info["plan"],
                       dispatch_summary=_plan_summary(info["plan"]), gate_kernel=_gate_kernel(batches[0]))
         cache.reset_counts()
     else:
