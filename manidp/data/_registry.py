@@ -66,7 +66,7 @@ SHARED_OPTIONS = {
     "max_eval": Option(None, "keep only the first N validation/test images", _LIMIT),
 }
 # Declared once for the datasets that carve their validation split from their training images.
-SPLIT_SEED = Option(0, "seed of the validation holdout (cifar10, cifar100, imagenet, imagefolder)",
+SPLIT_SEED = Option(0, "seed of the validation holdout carved from the training images",
                     {"type": "integer", "minimum": 0})
 
 

@@ -35,7 +35,8 @@ from manidp.data._registry import SPLIT_SEED, Option, Splits, register_dataset
 from manidp.data._subset import limit_splits
 from manidp.errors import UserError
 
-IMAGE_SIZE = Option(224, "train/eval resolution of imagenet and imagefolder", {"type": "integer", "minimum": 1})
+IMAGE_SIZE = Option(224, "train/eval resolution of a dataset in ImageFolder layout",
+                    {"type": "integer", "minimum": 1})
 
 
 @dataclass(frozen=True)
