@@ -365,8 +365,25 @@ def check_runnable(cfg: dict) -> dict:
 # ----------------------------------------------------------------- result identity
 def comparable(cfg: dict) -> dict:
     """The config keys that determine a result: everything but where it goes, how it runs and the entry
-    that names it (so a run keeps its hash whatever entry, or none, it was trained under)."""
-    return {k: v for k, v in cfg.items() if k not in ("out", "tracking", "runtime", "entry")}
+    that names it (so a run keeps its hash whatever entry, or none, it was trained under), and of the
+    ``data`` block only the keys the run's dataset takes: another dataset's keys cannot change its
+    result, so a dataset (or a key of one) added later leaves every saved run's config and hash as
+    they were."""
+    out = {k: v for k, v in cfg.items() if k not in ("out", "tracking", "runtime", "entry")}
+    taken = _data_keys(cfg.get("dataset"))
+    if taken is not None and isinstance(out.get("data"), dict):
+        out["data"] = {k: v for k, v in out["data"].items() if k in taken}
+    return out
+
+
+def _data_keys(dataset) -> Optional[set]:
+    """The ``data.*`` keys ``dataset`` declares; None for a name no dataset is registered under."""
+    from manidp.data import DATASETS  # imports torch: only training and its checks get here
+
+    try:
+        return set(DATASETS.get(dataset).options) if isinstance(dataset, str) else None
+    except UserError:
+        return None
 
 
 def config_hash(cfg: dict) -> str:

@@ -1,4 +1,6 @@
 """Layered config: defaults, dataset recipe, file, --set; clean messages for bad input."""
+import copy
+
 import pytest
 
 from manidp.config import resolve
@@ -52,6 +54,22 @@ def test_workflow_config_numbers_are_retyped_in_place():
     assert yaml12_numbers(config) is config
     assert config["datasets"]["d"]["finetune"]["train"] == {"lr": 0.01, "epochs": 3}
     assert config["datasets"]["d"]["seeds"] == [2.0, "x"] and config["name"] == "1e-2 lr" and config["quoted"] == "12"
+
+
+def test_keys_the_dataset_does_not_take_change_neither_the_config_nor_its_hash():
+    """A run saved before another dataset's key existed (or with it at any value the check lets through)
+    is the same run: resuming or re-running into its folder needs no --force, and its hash stays."""
+    from manidp.config import config_differences, config_hash
+
+    new = resolve(flags={"dataset": "digits-c"})
+    assert "image_folder" in new["data"] and "digits_c_seed" in new["data"]
+    old = copy.deepcopy(new)
+    del old["data"]["image_folder"], old["data"]["val_holdout"]
+    assert config_differences(old, new) == [] and config_hash(old) == config_hash(new)
+    changed = copy.deepcopy(new)
+    changed["data"]["digits_c_seed"] = 3  # a key digits-c takes still counts
+    assert config_differences(new, changed) == ["data.digits_c_seed: 0 -> 3"]
+    assert config_hash(changed) != config_hash(new)
 
 
 def test_changed_keys_are_listed():

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "workflow" / "Snakefile"
 SCHEMA_FILE = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG = ROOT / "config" / "config.yaml"
+IMAGE_FOLDER = "/nonexistent/image-folder-tree"  # a dry run never reads it
 # The tiny configuration CI runs: `snakemake --cores 2 --directory .test`.
 TINY_CONFIG = ROOT / ".test" / "config" / "config.yaml"
 SLURM_PROFILE = ROOT / "workflow" / "profiles" / "slurm"
@@ -159,6 +160,15 @@ def parse_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedPr
              # A cluster whose ImageNet only compute nodes see: the jobs check the folder themselves.
              "imagenet-plan": ["results/imagenet_table.csv", "-n", "-p", "--config", "data_check=job", *default],
              "imagenet-without-data": ["results/imagenet_table.csv", *default]}
+    # Any ImageFolder tree as a dataset: its folder named by the config key, read by jobs from the environment.
+    folder_config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    folder_config["datasets"]["imagefolder"] = {
+        "backbones": {"resnet18": {}}, "budgets": [0.5], "seeds": [0], "hardware_profiles": ["cpu-1t"],
+        "dense": {"train": {"epochs": 1}}, "finetune": {"train": {"epochs": 1}}, "methods": {"l1": {}}}
+    folder_path = tmp_path_factory.mktemp("config") / "imagefolder.yaml"
+    folder_path.write_text(yaml.safe_dump(folder_config))
+    calls["imagefolder-plan"] = ["results/imagefolder_table.csv", "-n", "-p", "--configfile", str(folder_path),
+                                 "--config", f"image_folder={IMAGE_FOLDER}"]
     for name in WIRED_BAD_CONFIGS:
         path = tmp_path_factory.mktemp("config") / "config.yaml"
         path.write_text(yaml.safe_dump(_broken_config(BAD_CONFIGS[name][0])))
@@ -230,12 +240,22 @@ def test_imagenet_dry_run_lists_plan_without_data(parse_runs):
         assert job.count("torchrun --standalone --nproc-per-node 4") == 1
 
 
+def test_an_image_folder_dataset_is_planned_with_its_folder_out_of_the_jobs_params(parse_runs):
+    result = _succeeded(parse_runs["imagefolder-plan"][1])
+    counts = job_counts(result.stdout)
+    assert counts["check_data"] == counts["train_dense"] == counts["train_method"] == counts["table"] == 1
+    assert "runs/imagefolder/resnet18/l1-b0.5/seed0/metrics.json" in result.stdout
+    # Jobs read the folder from MANIDP_IMAGE_FOLDER: moving it re-runs nothing.
+    for rule in ("train_dense", "train_method"):
+        assert all(IMAGE_FOLDER not in job for job in job_blocks(result.stdout, rule))
+
+
 def test_imagenet_without_data_stops_before_any_job(parse_runs):
     workdir, result = parse_runs["imagenet-without-data"]
     assert result.returncode != 0
     message = result.stdout + result.stderr
     assert "imagenet_path" in message and "MANIDP_IMAGENET" in message, message[-3000:]
-    assert message.count("Set the ILSVRC-2012 folder") == 1
+    assert message.count("Set the folder (train/ and val/") == 1
     # Only the MLflow store may have been created beside the check: no run, no parent run, no experiment.
     assert not (workdir / "runs").exists() and not (workdir / "results" / "tracking" / "imagenet").exists()
 

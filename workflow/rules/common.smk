@@ -68,16 +68,18 @@ if config.get("tracking", {}).get("uri"):
     # The package lets MLFLOW_TRACKING_URI win over its config key, as MLflow does.
     os.environ.setdefault("MLFLOW_TRACKING_URI", config["tracking"]["uri"])
 
-# The variable manidp.data.imagenet reads when data.imagenet_path is unset.
-IMAGENET_ENV_VAR = "MANIDP_IMAGENET"
-if config.get("imagenet_path"):
-    # The package reads the folder from this variable; keeping it out of the
-    # params means moving ImageNet does not re-run anything.
-    os.environ[IMAGENET_ENV_VAR] = str(config["imagenet_path"])
-
-# Datasets read from a folder the user provides: the config key and variable naming it. (Rule check_data
-# downloads the FETCHED_DATA ones once, or checks them, and their jobs only read the files.)
-EXTERNAL_DATA = {"imagenet": ("imagenet_path", IMAGENET_ENV_VAR)}
+# Datasets read from a folder the user provides: the config key and the variable the package reads
+# when data.* leaves the path unset. (Rule check_data downloads the FETCHED_DATA ones once, or checks
+# them, and their jobs only read the files.)
+EXTERNAL_DATA = {
+    "imagenet": ("imagenet_path", "MANIDP_IMAGENET"),
+    "imagefolder": ("image_folder", "MANIDP_IMAGE_FOLDER"),
+}
+for _key, _env in EXTERNAL_DATA.values():
+    if config.get(_key):
+        # The package reads the folder from this variable; keeping it out of the
+        # params means moving the data does not re-run anything.
+        os.environ[_env] = str(config[_key])
 
 
 def data_checked(wildcards) -> list:

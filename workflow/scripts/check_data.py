@@ -1,6 +1,6 @@
 """Rule check_data: stop before any job on a dataset whose files are missing, or fetch them once.
 
-ImageNet is a folder the user provides: it must hold train/ and val/. CIFAR is
+ImageNet and imagefolder are folders the user provides: each must hold train/ and val/. CIFAR is
 downloaded by torchvision into ``datasets.NAME.data.root`` when
 ``datasets.NAME.data.download`` is true, here and only here (the jobs only read
 it), else checked. Runs on the machine that runs Snakemake (config
@@ -38,8 +38,8 @@ else:
     if found is None or not (found / "train").is_dir() or not (found / "val").is_dir():
         where = f"'{found}' holds no train/ and val/ folders" if found else "no path is set"
         stop(
-            f"{ds}: {where}. Set the ILSVRC-2012 folder (train/ and val/, one subfolder per class) with the config "
-            f"key '{data['key']}' (snakemake ... --config {data['key']}=/path/to/imagenet) or the environment "
+            f"{ds}: {where}. Set the folder (train/ and val/, one subfolder per class) with the config "
+            f"key '{data['key']}' (snakemake ... --config {data['key']}=/path/to/{ds}) or the environment "
             f"variable {data['env']}. {DRY_RUN_HINT}; a cluster whose data only compute nodes see sets the config "
             "key 'data_check: job'."
         )
