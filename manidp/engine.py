@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 import random
 import sys
@@ -38,6 +37,7 @@ from manidp import _version
 from manidp._files import atomic_save, atomic_write_text, result_id
 from manidp.config import check_run_folder, check_runnable, config_differences, default_out_dir, run_id
 from manidp.data import build_dataset
+from manidp.distributed import Distributed as _Distributed
 from manidp.errors import UserError
 from manidp.evaluation import evaluate, summarize, write_instances
 from manidp.macs import InstanceMacs, count_macs
@@ -82,34 +82,6 @@ class RunObserver:
 
 
 # ---------------------------------------------------------------- runtime setup
-class _Distributed:
-    def __init__(self, device_pref: str):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-        if device_pref == "cuda" and not torch.cuda.is_available():
-            raise UserError("runtime.device is 'cuda' but no CUDA device is available; set runtime.device: cpu")
-        self.device = torch.device(f"cuda:{self.local_rank}" if use_cuda else "cpu")
-        if use_cuda:
-            torch.cuda.set_device(self.device)
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-
 def _seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -68,18 +68,14 @@ if config.get("tracking", {}).get("uri"):
     # The package lets MLFLOW_TRACKING_URI win over its config key, as MLflow does.
     os.environ.setdefault("MLFLOW_TRACKING_URI", config["tracking"]["uri"])
 
-# Datasets read from a folder the user provides: the config key and the variable the package reads
-# when data.* leaves the path unset. (Rule check_data downloads the FETCHED_DATA ones once, or checks
-# them, and their jobs only read the files.)
+# Datasets read from a folder the user provides: the config key naming it and the variable jobs read it
+# from (never params, so moving the data re-runs nothing). Rule check_data downloads the FETCHED_DATA
+# ones once, or checks them, and their jobs only read the files.
 EXTERNAL_DATA = {
     "imagenet": ("imagenet_path", "MANIDP_IMAGENET"),
     "imagefolder": ("image_folder", "MANIDP_IMAGE_FOLDER"),
 }
-for _key, _env in EXTERNAL_DATA.values():
-    if config.get(_key):
-        # The package reads the folder from this variable; keeping it out of the
-        # params means moving the data does not re-run anything.
-        os.environ[_env] = str(config[_key])
+os.environ.update({env: str(config[key]) for key, env in EXTERNAL_DATA.values() if config.get(key)})
 
 
 def data_checked(wildcards) -> list:
