@@ -130,7 +130,7 @@ def test_a_sweep_records_a_divergence_instead_of_failing(tmp_path, data_cache):
     assert metrics["status"] == "diverged" and metrics["diverged_at"]["epoch"] == 1
     assert metrics["config"]["train"]["lr"] == 1e30 and "method_options" in metrics["config"]
     assert not (out / "model.pt").exists() and not (out / "checkpoint.pt").exists()
-    # The CLI's flag reaches the engine: exit 0 and the same record; without it, one clear error (exit 2).
+    # The CLI's flag reaches the engine: exit 0 and the same record.
     args = ["train", "--out", str(tmp_path / "cli"), "--epochs", "1", "--set", "train.lr=1e30",
             "--set", "train.batch_size=32", "--set", "data.max_train=128", "--set", "data.max_eval=64",
             "--set", f"data.cache_dir={data_cache}", "--set", "tracking.enabled=false",
@@ -138,8 +138,6 @@ def test_a_sweep_records_a_divergence_instead_of_failing(tmp_path, data_cache):
     run = lambda *a: subprocess.run(manidp_cli(*a), capture_output=True, text=True, timeout=300)  # noqa: E731
     assert run(*args, "--record-divergence").returncode == 0
     assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["status"] == "diverged"
-    failed = run(*[a.replace("/cli", "/cli2") for a in args])
-    assert failed.returncode == 2 and "non-finite loss" in failed.stderr and "Traceback" not in failed.stderr
 
 
 def test_two_process_ddp_on_cpu_gives_the_same_metrics_shape(tmp_path, data_cache, dense_run):
