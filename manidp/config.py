@@ -366,24 +366,16 @@ def check_runnable(cfg: dict) -> dict:
 def comparable(cfg: dict) -> dict:
     """The config keys that determine a result: everything but where it goes, how it runs and the entry
     that names it (so a run keeps its hash whatever entry, or none, it was trained under), and of the
-    ``data`` block only the keys the run's dataset takes: another dataset's keys cannot change its
-    result, so a dataset (or a key of one) added later leaves every saved run's config and hash as
-    they were."""
+    ``data`` block only the keys set away from their packaged default: a data key added later (for a
+    new dataset, at a default that changes nothing) leaves every saved run's config and hash as they
+    were."""
     out = {k: v for k, v in cfg.items() if k not in ("out", "tracking", "runtime", "entry")}
-    taken = _data_keys(cfg.get("dataset"))
-    if taken is not None and isinstance(out.get("data"), dict):
-        out["data"] = {k: v for k, v in out["data"].items() if k in taken}
+    if isinstance(out.get("data"), dict):
+        packaged = defaults()["data"]
+        out["data"] = {k: v for k, v in out["data"].items() if k not in packaged or v != packaged[k]}
+        if not out["data"]:
+            del out["data"]
     return out
-
-
-def _data_keys(dataset) -> Optional[set]:
-    """The ``data.*`` keys ``dataset`` declares; None for a name no dataset is registered under."""
-    from manidp.data import DATASETS  # imports torch: only training and its checks get here
-
-    try:
-        return set(DATASETS.get(dataset).options) if isinstance(dataset, str) else None
-    except UserError:
-        return None
 
 
 def config_hash(cfg: dict) -> str:
@@ -405,8 +397,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def config_differences(old: dict, new: dict) -> list[str]:
     """``key: old -> new`` for every result-determining key that differs."""
     a, b = _flat(comparable(old)), _flat(comparable(new))
+    shown_a, shown_b = _flat(old), _flat(new)  # a data key at its default is left out above, but shown
     missing = object()
-    return [f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}"
+    return [f"{key}: {shown_a.get(key, '(unset)')!r} -> {shown_b.get(key, '(unset)')!r}"
             for key in sorted(set(a) | set(b)) if a.get(key, missing) != b.get(key, missing)]
 
 

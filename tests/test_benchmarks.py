@@ -55,9 +55,12 @@ def test_resnet34_latency_reports_a_deployed_form_equal_to_the_masked_model(caps
     assert static["first_pass_hit_rate"] == 1.0  # the planning instances kept the same sets: all cached
     assert per_instance["keep_pattern"] == "per_instance" and 0.3 < per_instance["macs_ratio"] < 0.6
     assert set(per_instance["distinct_kept_sets"]) == {2}  # each timed instance its own kept set, every gate
-    assert per_instance["first_pass_hit_rate"] < 0.5  # neither the plan nor the warm-up saw them
-    # each timed pass is a first pass: the cache is restored, so repeats find no slice an earlier one left
-    assert per_instance["slice_cache"]["hit_rate"] == pytest.approx(per_instance["first_pass_hit_rate"])
+    if per_instance["dispatch_summary"].get("gathered"):  # the plan may put every block on dense-then-mask
+        assert per_instance["first_pass_hit_rate"] < 0.5  # neither the plan nor the warm-up saw them
+        # each timed pass is a first pass: the cache is restored, so repeats find no slice an earlier one left
+        assert per_instance["slice_cache"]["hit_rate"] == pytest.approx(per_instance["first_pass_hit_rate"])
+    else:
+        assert per_instance["first_pass_hit_rate"] is None  # no block asked the slice cache
 
 
 def test_miss_path_times_every_way_of_paying_a_miss_on_the_same_output(capsys, restore_threads):

@@ -56,9 +56,9 @@ def test_workflow_config_numbers_are_retyped_in_place():
     assert config["datasets"]["d"]["seeds"] == [2.0, "x"] and config["name"] == "1e-2 lr" and config["quoted"] == "12"
 
 
-def test_keys_the_dataset_does_not_take_change_neither_the_config_nor_its_hash():
-    """A run saved before another dataset's key existed (or with it at any value the check lets through)
-    is the same run: resuming or re-running into its folder needs no --force, and its hash stays."""
+def test_data_keys_at_their_default_change_neither_the_config_nor_its_hash():
+    """A run saved before a data key existed (a new dataset's, at its default) is the same run: resuming
+    or re-running into its folder needs no --force, and its hash stays."""
     from manidp.config import config_differences, config_hash
 
     new = resolve(flags={"dataset": "digits-c"})
