@@ -10,3 +10,15 @@ from __future__ import annotations
 DEFAULT_SLICE_CACHE_MB = 256.0
 # The dtypes `manidp latency` times (manidp.latency.DTYPES maps them to torch dtypes).
 DTYPE_NAMES = ("fp32", "bf16")
+
+# The registries' built-in names, for the workflow's parse-time check (manidp.plan), which runs at every
+# `snakemake` call and would otherwise import torch and timm to build the registries (seconds each time).
+# tests/test_registry_names.py holds them equal to the registries themselves.
+DATASET_NAMES = ("cifar10", "cifar100", "digits-c", "imagefolder", "imagenet")
+# The entry-point group methods register through (manidp.methods.load_all reads it).
+METHODS_ENTRY_POINT_GROUP = "manidp.methods"
+# The backbones this benchmark tests (manidp.models re-exports them); any other timm name works too.
+BENCHMARK_BACKBONES = (
+    "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110",
+    "resnet18", "resnet34", "resnet50", "mobilenetv2_100",
+)

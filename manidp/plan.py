@@ -155,14 +155,18 @@ def _check_on_request(ds: str, section: dict) -> None:
 
 
 def _check_names(cfg: dict) -> None:
-    """Names must exist in the package's registries, as they are at run time."""
-    import timm
+    """Names must exist as they will at run time: the built-in datasets, the methods the installed packages
+    declare (the ``manidp.methods`` entry points, which every job loads), and timm's backbones.
 
-    from manidp.data import DATASETS
-    from manidp.methods import METHODS, load_all
-    from manidp.models import BENCHMARK_BACKBONES
+    Read without importing torch or timm (this runs at every ``snakemake`` call); only a backbone outside
+    the benchmark's own list makes it ask timm. A declared method whose module fails to import is reported
+    by the job that loads it.
+    """
+    from importlib.metadata import entry_points
 
-    load_all()
+    from manidp._defaults import BENCHMARK_BACKBONES, DATASET_NAMES, METHODS_ENTRY_POINT_GROUP
+
+    methods = sorted({point.name for point in entry_points(group=METHODS_ENTRY_POINT_GROUP)})
     for name in cfg["default_datasets"]:
         if name not in cfg["datasets"]:
             raise UserError(
@@ -170,12 +174,12 @@ def _check_names(cfg: dict) -> None:
                 f"valid values: {', '.join(cfg['datasets'])}"
             )
     for ds, section in cfg["datasets"].items():
-        if ds not in DATASETS:
+        if ds not in DATASET_NAMES:
             raise UserError(
-                f"config key 'datasets.{ds}': unknown dataset '{ds}'; valid datasets: {', '.join(DATASETS.names())}"
+                f"config key 'datasets.{ds}': unknown dataset '{ds}'; valid datasets: {', '.join(DATASET_NAMES)}"
             )
         for backbone in section["backbones"]:
-            if not timm.is_model(backbone):
+            if backbone not in BENCHMARK_BACKBONES and not _timm_has(backbone):
                 raise UserError(
                     f"config key 'datasets.{ds}.backbones.{backbone}': unknown backbone; "
                     f"valid backbones: {', '.join(BENCHMARK_BACKBONES)} (or any timm model name)"
@@ -194,8 +198,8 @@ def _check_names(cfg: dict) -> None:
                         f"config key '{key}': 'dense' is the baseline every dataset trains "
                         "(configured under 'dense'), not a method to list"
                     )
-                if method not in METHODS:
-                    valid = [name for name in METHODS.names() if name != "dense"]
+                if method not in methods:
+                    valid = [name for name in methods if name != "dense"]
                     raise UserError(f"config key '{key}': unknown method '{method}'; valid methods: {', '.join(valid)}")
         for profile in section.get("hardware_profiles", []):
             if profile not in cfg["hardware_profiles"]:
@@ -203,6 +207,14 @@ def _check_names(cfg: dict) -> None:
                     f"config key 'datasets.{ds}.hardware_profiles' names '{profile}'; "
                     f"valid profiles: {', '.join(cfg['hardware_profiles'])}"
                 )
+
+
+def _timm_has(backbone: str) -> bool:
+    import timm
+
+    import manidp.models  # noqa: F401  (registers the CIFAR backbones into timm)
+
+    return timm.is_model(backbone)
 
 
 # ----------------------------------------------------------------- names and folders

@@ -5,6 +5,8 @@ import argparse
 import copy
 import json
 import shlex
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -42,6 +44,39 @@ def test_bad_config_is_refused_naming_key_and_valid_values(name):
 @pytest.mark.parametrize("path", [DEFAULT_CONFIG, TINY_CONFIG])
 def test_shipped_configs_pass_the_checks(path):
     check_config(yaml.safe_load(path.read_text()), SCHEMA_FILE)
+
+
+def test_checking_and_planning_the_default_config_imports_neither_torch_nor_timm():
+    """The workflow checks and plans at every snakemake call (dry runs, each Slurm job): seconds saved each."""
+    code = ("import sys, yaml\n"
+            "from manidp.plan import Plan, check_config\n"
+            f"config = yaml.safe_load(open({str(DEFAULT_CONFIG)!r}).read())\n"
+            f"check_config(config, {str(SCHEMA_FILE)!r})\n"
+            "Plan(config)\n"
+            "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_parse_time_names_are_the_registries():
+    """check_config reads names without building the registries; they must be the registries' names."""
+    from importlib.metadata import entry_points
+
+    import timm
+
+    from manidp._defaults import BENCHMARK_BACKBONES, DATASET_NAMES, METHODS_ENTRY_POINT_GROUP
+    from manidp.data import DATASETS
+    from manidp.methods import METHODS, load_all
+
+    load_all()
+    assert sorted(DATASET_NAMES) == sorted(DATASETS.names())
+    assert {p.name for p in entry_points(group=METHODS_ENTRY_POINT_GROUP)} == set(METHODS.names())
+    assert all(timm.is_model(name) for name in BENCHMARK_BACKBONES)
+
+
+def test_a_timm_backbone_outside_the_benchmarks_list_is_accepted(tiny):
+    tiny["datasets"]["digits-c"]["backbones"] = {"resnet26": {}}
+    check_config(tiny, SCHEMA_FILE)
 
 
 def test_check_config_reads_yaml_12_numbers(tiny):

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
+from manidp._defaults import METHODS_ENTRY_POINT_GROUP
 from manidp.errors import UserError
 from manidp.methods._base import METHODS, Method, RunContext, default_param_groups, register_method
 
 __all__ = ["METHODS", "Method", "RunContext", "default_param_groups", "register_method", "load_all",
            "ENTRY_POINT_GROUP"]
 
-ENTRY_POINT_GROUP = "manidp.methods"
+ENTRY_POINT_GROUP = METHODS_ENTRY_POINT_GROUP
 
 
 def load_all() -> None:

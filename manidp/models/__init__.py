@@ -16,15 +16,11 @@ import timm
 import torch
 import torch.nn as nn
 
+from manidp._defaults import BENCHMARK_BACKBONES
 from manidp.errors import UserError
 from manidp.models import cifar_resnet  # noqa: F401  (registers into timm)
 
 __all__ = ["BENCHMARK_BACKBONES", "build_backbone", "load_state_file", "native_input_size"]
-
-BENCHMARK_BACKBONES = (
-    "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110",
-    "resnet18", "resnet34", "resnet50", "mobilenetv2_100",
-)
 
 
 # Files written before the engine stored plain floats hold numpy float scalars (learning rates in the

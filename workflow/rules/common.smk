@@ -202,11 +202,13 @@ def profile_device(wildcards) -> str:
     manidp.latency.device_state). An "unavailable" result is not final: when the device appears the
     value changes and Snakemake re-runs the job. Jobs that run elsewhere (a cluster executor) get the
     GPU they request. A function of the wildcards only: Snakemake records (and compares) only those."""
-    from manidp.latency import device_state
-
     if not workflow.local_exec:
         return "present"
     device = profile_of(wildcards)["device"]
+    if device == "cpu":  # always measurable; answering so spares every snakemake call a torch import
+        return "present"
+    from manidp.latency import device_state
+
     outputs = [p.format(**dict(wildcards.items())) for p in latency_outputs(wildcards.dataset, wildcards.backbone)]
     return "present" if all(device_state(device, out) == "present" for out in outputs) else "absent"
 
