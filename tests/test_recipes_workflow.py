@@ -33,6 +33,28 @@ def test_every_sweep_entry_gets_the_same_grid_of_at_least_three_by_three_with_it
     assert max(tuning["lr"]) > 0.03
 
 
+def test_every_digits_c_recipe_is_the_choice_its_committed_sweep_records():
+    """config.yaml's lr and options per entry are the `chosen` row of the committed tuning table (the matched
+    extra configurations' table where a method has one): a recipe edited by hand, or a sweep re-run without
+    updating the config, fails here."""
+    import csv
+    import json
+
+    reference = DEFAULT_CONFIG.parents[1] / "results" / "reference"
+    chosen = {}
+    for name in ("digits-c_tuning.csv", "digits-c_tuning_matched.csv"):  # the matched table wins where present
+        for row in csv.DictReader((reference / name).open()):
+            if row["chosen"] == "True":
+                chosen[row["method"]] = (float(row["lr"]), json.loads(row["method_options"]))
+    entries = {**DIGITS_C["methods"], **DIGITS_C["ablations"]["methods"]}
+    assert set(entries) <= set(chosen)
+    for entry, recipe in entries.items():
+        lr, options = chosen[entry]
+        assert recipe["train"]["lr"] == pytest.approx(lr, abs=5e-5), entry
+        for key, value in recipe.get("options", {}).items():
+            assert options[key] == value, (entry, key)
+
+
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory) -> str:
     workdir = tmp_path_factory.mktemp("recipes-plan")
