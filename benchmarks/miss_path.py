@@ -13,7 +13,11 @@ each way to run it is timed on the calling thread's CPU clock (best of
 * ``gemm_im2col``: gather the kept weight as a ``[k_out, k_in * 9]`` matrix and multiply it with
   ``F.unfold`` of the input (no weight reorder at all);
 * ``miss_gather_op``: ``manidp::gather_slice`` gathers straight into channels-last in one pass, then
-  the reorder (what the deployed form does when the compiled ops are built; absent otherwise).
+  the reorder (what the deployed form does when the compiled ops are built; absent otherwise);
+* ``hit_padded``: the hit with both kept sets padded to a 16-channel block (what a miss runs, so that
+  convolution shapes recur), the padding channels of the input zero;
+* ``hit_exact_inputs``: the output channels padded, the input channels the kept ones alone (what a
+  recurring slice runs: input channels are oneDNN's reduction dimension, which it does not pad).
 
     python benchmarks/miss_path.py              # keep 0.67 of each side (about 0.45 of the MACs)
 """
@@ -82,7 +86,21 @@ def stage(channels: int, size: int, keep: float, repeats: int, generator: torch.
         w = torch.ops.manidp.gather_slice(weight, rows, cols)
         return conv(x, reorder(w, *geometry, 1, list(x.shape)), bias.index_select(0, rows))
 
+    def padded(kept_index):  # kept first, then the lowest skipped channels up to a multiple of 16
+        target = min(channels, -(-kept // 16) * 16)
+        alive = torch.zeros(channels, dtype=torch.bool)
+        alive[kept_index] = True
+        return torch.cat([kept_index, (~alive).nonzero().squeeze(1)[:target - kept]])
+
+    rows_p, cols_p = padded(rows), padded(cols)
+    x_p = full[:, cols_p].contiguous(memory_format=torch.channels_last)
+    x_p[:, kept:] = 0  # padding channels carry zeros (their mask is 0)
+    bias_p = bias.index_select(0, rows_p)
+    padded_packed = reorder(weight.index_select(0, rows_p).index_select(1, cols_p), *geometry, 1, list(x_p.shape))
+    exact_packed = reorder(weight.index_select(0, rows_p).index_select(1, cols), *geometry, 1, list(x.shape))
     expected = conv(x, hit_packed, bias.index_select(0, rows))
+    for out in (conv(x_p, padded_packed, bias_p), conv(x, exact_packed, bias_p)):
+        torch.testing.assert_close(out[:, :kept], expected, rtol=1e-3, atol=1e-3)
     for way in (lambda: miss(True), lambda: miss(False), unpacked, gemm):  # every row computes the same output
         torch.testing.assert_close(way(), expected, rtol=1e-3, atol=1e-3)
     ms = {"dense": _best(lambda: conv(full, dense_packed, bias), repeats),
@@ -91,6 +109,8 @@ def stage(channels: int, size: int, keep: float, repeats: int, generator: torch.
           "miss_channels_last": _best(lambda: miss(True), repeats),
           "miss_unpacked": _best(unpacked, repeats), "gemm_im2col": _best(gemm, repeats),
           "gather": _best(gathered, repeats),
+          "hit_padded": _best(lambda: conv(x_p, padded_packed, bias_p), repeats),
+          "hit_exact_inputs": _best(lambda: conv(x, exact_packed, bias_p), repeats),
           "reorder_oihw": _best(lambda: reorder(gathered()[0], *geometry, 1, list(x.shape)), repeats),
           "reorder_channels_last": _best(lambda: reorder(
               gathered()[0].contiguous(memory_format=torch.channels_last), *geometry, 1, list(x.shape)), repeats)}
@@ -100,7 +120,8 @@ def stage(channels: int, size: int, keep: float, repeats: int, generator: torch.
         torch.testing.assert_close(miss_op(), expected, rtol=1e-3, atol=1e-3)
         ms["miss_gather_op"] = _best(miss_op, repeats)
         ms["gather_op"] = _best(lambda: torch.ops.manidp.gather_slice(weight, rows, cols), repeats)
-    return {"benchmark": "miss_path", "channels": channels, "size": size, "kept": kept, "threads":
+    return {"benchmark": "miss_path", "channels": channels, "size": size, "kept": kept,
+            "kept_padded": int(rows_p.numel()), "threads":
             torch.get_num_threads(), "ms": ms, "over_dense": {k: v / ms["dense"] for k, v in ms.items()},
             "load_average": os.getloadavg()}
 

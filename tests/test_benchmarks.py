@@ -69,7 +69,9 @@ def test_miss_path_times_every_way_of_paying_a_miss_on_the_same_output(capsys, r
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["channels"], r["size"]) for r in rows] == [(64, 56), (128, 28), (256, 14), (512, 7)]
     for row in rows:
-        assert {"dense", "hit", "miss_oihw", "miss_channels_last", "miss_unpacked", "gemm_im2col"} <= set(row["ms"])
+        assert {"dense", "hit", "miss_oihw", "miss_channels_last", "miss_unpacked", "gemm_im2col", "hit_padded",
+                "hit_exact_inputs"} <= set(row["ms"])
+        assert row["kept_padded"] % 16 == 0 and row["kept"] <= row["kept_padded"] < row["kept"] + 16
         assert row["over_dense"]["dense"] == 1.0 and row["kept"] == row["channels"] // 2
 
 

@@ -295,6 +295,36 @@ def test_a_slice_is_packed_on_its_first_reuse_and_a_snapshot_keeps_the_plain_one
     assert all(v.packed for v, _ in slice_cache(eager).snapshot()[0].values() if hasattr(v, "packed")) == _PACKED
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_a_recurring_padded_slice_reads_the_kept_input_channels_alone(name, memory_format):
+    """A ResNet block's conv2 slice, once its kept sets recur, is packed on gate 1's kept channels only (the
+    padding dropped from its input channels) and still gives the masked model's outputs; padded reads
+    (``exact_inputs`` False) give the same."""
+    from manidp.gating.slices import _PACKED
+
+    model, x, masked, deployed = _masked_and_deployed(name)
+    padded = deploy_model(model)
+    for block in deployed_blocks(padded).values():
+        block.exact_inputs = False
+    single = x[:1].contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        outs = [m(single.clone()) for m in (deployed, deployed, padded, padded)]
+    for out in outs:
+        assert _rel_error(out, masked[:1]) <= 1e-4
+    entries = {k: v for k, (v, _) in slice_cache(deployed).snapshot()[0].items() if isinstance(k, tuple)}
+    narrowed = 0
+    for block in deployed_blocks(deployed).values():
+        (_, _, key1, _, _), conv2 = next((k, v) for k, v in entries.items() if k[:2] == (id(block), "conv2"))
+        index, count = entries[(id(block), "kept", key1)]
+        assert index[:count].tolist() == sorted(index[:count].tolist())  # kept first, ascending, then padding
+        assert not set(index[count:].tolist()) & set(index[:count].tolist())
+        if _PACKED and count < index.numel():
+            assert conv2.packed and conv2.input_shape[1] == count
+            narrowed += 1
+    assert narrowed > 0 or not _PACKED  # the model has padded kept sets: the path was taken
+
+
 def test_slice_cache_refuses_a_negative_cap():
     with pytest.raises(UserError, match=">= 0"):
         SliceCache(-1)

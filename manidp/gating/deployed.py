@@ -141,6 +141,7 @@ class _Deployed(DataDependent):
         self.use_kernels = True  # the compiled ops where they run (False: ATen only, to compare)
         self.gather_kernel = True  # kept weights through manidp::gather_slice (False: ATen's, to compare)
         self.pack_on_reuse = True  # slices packed on their first hit (False: on the miss, to compare)
+        self.exact_inputs = True  # recurring slices read the kept input channels only (False: padded, to compare)
         self.kept_block = _simd_block()  # kept sets padded to a multiple of this (:meth:`_kept`; 1: not padded)
         self.full = _PackedConvs()  # the dense path's convolutions and the shortcut, prepacked per input shape
 
@@ -229,17 +230,20 @@ class _Deployed(DataDependent):
             return self.gathered(x)
         return self.dense(x)
 
-    def _kept(self, mask: torch.Tensor) -> tuple[torch.Tensor, bytes]:
-        """Kept channels of a batch-1 mask: (index tensor, cache key), the index cached per set.
+    def _kept(self, mask: torch.Tensor) -> tuple[torch.Tensor, bytes, int]:
+        """Kept channels of a batch-1 mask: (index tensor, cache key, count), the index cached per set.
 
         The set is padded with the lowest-numbered skipped channels up to a
         multiple of :attr:`kept_block` (oneDNN's SIMD channel block; their mask
         entries are 0: computed and multiplied by zero, the output is
-        unchanged). oneDNN pads channels to that block anyway, so the padding
-        costs next to nothing, and a conv then has at most (C / block)^2
-        shapes: instances never seen before reuse oneDNN's compiled primitives
-        instead of creating one per new kept count (benchmarks/README,
-        ``unseen_instances.py``). An empty set keeps channel 0 (PyTorch
+        unchanged). oneDNN pads output channels to that block anyway, so the
+        padding costs next to nothing there, and a conv then has at most
+        (C / block)^2 shapes: instances never seen before reuse oneDNN's
+        compiled primitives instead of creating one per new kept count
+        (benchmarks/README, ``unseen_instances.py``). The index lists the kept
+        channels first (ascending), then the padding: ``index[:count]`` are the
+        kept ones, which a recurring slice reads as its input channels
+        (:meth:`_slice`'s ``exact``). An empty set keeps channel 0 (PyTorch
         refuses zero-size convolutions).
         """
         alive = mask[0] != 0
@@ -247,16 +251,16 @@ class _Deployed(DataDependent):
         key = alive.numpy().tobytes() + block.to_bytes(2, "little")
 
         def build():
-            padded = alive
-            count = int(alive.sum())
+            kept = alive.nonzero().squeeze(1)
+            count = kept.numel()
             target = min(alive.numel(), max(1, -(-count // block) * block))
+            index = kept
             if target > count:
-                padded = alive.clone()
-                padded[(~alive).nonzero().squeeze(1)[:target - count]] = True
-            index = padded.nonzero().squeeze(1)
-            return index, index.numel() * index.element_size()
+                index = torch.cat([kept, (~alive).nonzero().squeeze(1)[:target - count]])
+            return (index, count), index.numel() * index.element_size()
 
-        return self.cache.get((id(self), "kept", key), build), key
+        index, count = self.cache.get((id(self), "kept", key), build)
+        return index, key, count
 
     def _gather(self, weight: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor] = None
                 ) -> torch.Tensor:
@@ -271,7 +275,8 @@ class _Deployed(DataDependent):
             weight = weight.index_select(0, rows)
         return weight if cols is None else weight.index_select(1, cols)
 
-    def _slice(self, name: str, keys: tuple, build: Callable[[bool], _SlicedConv]) -> _SlicedConv:
+    def _slice(self, name: str, keys: tuple, build: Callable[[bool], _SlicedConv],
+               exact: Optional[Callable[[], _SlicedConv]] = None) -> _SlicedConv:
         """The cached slice ``build(pack)`` makes, packed from its second use on.
 
         Packing (a reorder of the whole slice into oneDNN's layout) only pays when the slice is reused:
@@ -280,6 +285,12 @@ class _Deployed(DataDependent):
         (``pack_on_reuse`` False packs on the miss, to compare); recurring ones run packed from their
         second use. The packed slice replaces the plain one in the cache instead of changing it, so a
         restored snapshot holds what it held.
+
+        ``exact`` (a slice whose input channels are a padded kept set) builds the packed slice on the
+        kept input channels alone, which the caller then feeds ``input[:, :count]``: input channels are
+        oneDNN's reduction dimension, which it does not pad, so the padding there is pure extra work
+        (benchmarks/README, "exact input channels"). Only recurring slices take it: their shape has been
+        seen, while a miss keeps the padded shape, one of few, whose oneDNN primitive exists already.
         """
         key = (id(self), name, *keys)
         eager = not getattr(self, "pack_on_reuse", True)
@@ -291,19 +302,36 @@ class _Deployed(DataDependent):
         hits = self.cache.hits
         conv = self.cache.get(key, sized)
         if self.cache.hits > hits and not conv.packed and conv.packable:
-            conv = conv.packed_copy()
+            conv = exact() if exact is not None and getattr(self, "exact_inputs", True) else conv.packed_copy()
             self.cache.replace(key, conv)
         return conv
 
+    def _reading_slice(self, name: str, keys: tuple, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       rows: Optional[torch.Tensor], cols: torch.Tensor, count: int,
+                       geometry: _ConvGeometry) -> tuple[_SlicedConv, torch.Tensor]:
+        """A convolution reading ``y``, whose channels are the padded kept set ``cols`` (its first ``count``
+        kept), restricted to output channels ``rows`` (None: all), cached: (slice, its input). Once the slice
+        recurs it reads the ``count`` kept channels alone (:meth:`_slice`'s ``exact``); an empty kept set
+        (one padded channel) and an unpadded one read ``y`` whole."""
+        shape = tuple(y.shape)
+        rows_bias = bias if rows is None else bias.index_select(0, rows)
+        exact = None
+        if 0 < count < cols.numel():
+            exact = lambda: _SlicedConv(self._gather(weight, rows, cols[:count]),  # noqa: E731
+                                        rows_bias, geometry, 1, (shape[0], count, *shape[2:]), True)
+        conv = self._slice(name, keys, lambda pack: _SlicedConv(
+            self._gather(weight, rows, cols), rows_bias, geometry, 1, shape, pack), exact)
+        return conv, _leading_channels(y, conv.input_shape[1])
+
     def _first_slice(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                     geometry: _ConvGeometry) -> tuple[torch.Tensor, torch.Tensor, bytes, _SlicedConv]:
-        """Gate 1's mask of ``x``, its kept channels (index, key), and the block's first convolution
+                     geometry: _ConvGeometry) -> tuple[torch.Tensor, torch.Tensor, bytes, int, _SlicedConv]:
+        """Gate 1's mask of ``x``, its kept channels (index, key, count), and the block's first convolution
         restricted to those output channels (cached)."""
         mask = self._mask_of(0, x)
-        index, key = self._kept(mask)
+        index, key, count = self._kept(mask)
         conv = self._slice(name, (key, x.shape), lambda pack: _SlicedConv(
             self._gather(weight, index), bias.index_select(0, index), geometry, 1, x.shape, pack))
-        return mask, index, key, conv
+        return mask, index, key, count, conv
 
     def _full_conv(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    geometry: "_ConvGeometry", relu: bool, groups: int = 1) -> torch.Tensor:
@@ -339,6 +367,16 @@ class _Deployed(DataDependent):
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _leading_channels(y: torch.Tensor, count: int) -> torch.Tensor:
+    """``y[:, :count]`` in ``y``'s memory format (a view of a contiguous batch-1 map, a copy of a channels-last
+    one), the input of a slice built on the kept channels only (:meth:`_Deployed._slice`'s ``exact``)."""
+    if count == y.shape[1]:
+        return y
+    part = y[:, :count]
+    last = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    return part.contiguous(memory_format=torch.channels_last if last else torch.contiguous_format)
 
 
 def _scale(y: torch.Tensor, mask: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from manidp.errors import UserError
 from manidp.gating.deployed import _Deployed, _plain_conv, _require_identity, _residual_relu, _scale, _scale_pool
 from manidp.gating.fusion import _fold_bn, fold_batchnorm
 from manidp.gating.gates import GateSpec, register_gated_block
-from manidp.gating.slices import _ConvGeometry, _SlicedConv
+from manidp.gating.slices import _ConvGeometry
 from manidp.models.cifar_resnet import CifarBasicBlock
 
 __all__ = ["DeployedBasicBlock", "DeployedBottleneck"]
@@ -50,13 +50,12 @@ class DeployedBasicBlock(_Deployed):
         self.geo1, self.geo2 = _ConvGeometry.of(conv1), _ConvGeometry.of(conv2)
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
-        m1, k1, key1, conv1 = self._first_slice("conv1", x, self.w1, self.b1, self.geo1)
+        m1, k1, key1, n1, conv1 = self._first_slice("conv1", x, self.w1, self.b1, self.geo1)
         y = conv1(x, self.relu1)
         y, pooled = _scale_pool(y if self.relu1 else self.act1(y), m1, k1, self.mid, self.use_kernels)
         m2 = self._mask_of(1, pooled, pooled=True)
-        k2, key2 = self._kept(m2)
-        conv2 = self._slice("conv2", (key1, key2, y.shape[2:]), lambda pack: _SlicedConv(
-            self._gather(self.w2, k2, k1), self.b2.index_select(0, k2), self.geo2, 1, y.shape, pack))
+        k2, key2, _ = self._kept(m2)
+        conv2, y = self._reading_slice("conv2", (key1, key2, y.shape[2:]), y, self.w2, self.b2, k2, k1, n1, self.geo2)
         z = conv2(y, False)
         shortcut = self._shortcut(x)
         return _residual_relu(shortcut, k2, z, m2, self.act2, self.use_kernels)
@@ -94,17 +93,15 @@ class DeployedBottleneck(_Deployed):
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         g1, g2, g3 = self.geo
-        m1, k1, key1, conv1 = self._first_slice("conv1", x, self.w1, self.b1, g1)
+        m1, k1, key1, n1, conv1 = self._first_slice("conv1", x, self.w1, self.b1, g1)
         y = conv1(x, self.relu1)
         y, pooled = _scale_pool(y if self.relu1 else self.act1(y), m1, k1, self.c1, self.use_kernels)
         m2 = self._mask_of(1, pooled, pooled=True)
-        k2, key2 = self._kept(m2)
-        conv2 = self._slice("conv2", (key1, key2, y.shape[2:]), lambda pack: _SlicedConv(
-            self._gather(self.w2, k2, k1), self.b2.index_select(0, k2), g2, 1, y.shape, pack))
+        k2, key2, n2 = self._kept(m2)
+        conv2, y = self._reading_slice("conv2", (key1, key2, y.shape[2:]), y, self.w2, self.b2, k2, k1, n1, g2)
         y2 = conv2(y, self.relu2)
         y2 = _scale(y2 if self.relu2 else self.act2(y2), m2, k2)
-        conv3 = self._slice("conv3", (key2, y2.shape[2:]), lambda pack: _SlicedConv(
-            self._gather(self.w3, None, k2), self.b3, g3, 1, y2.shape, pack))
+        conv3, y2 = self._reading_slice("conv3", (key2, y2.shape[2:]), y2, self.w3, self.b3, None, k2, n2, g3)
         shortcut = self._shortcut(x)
         return self.act3(conv3(y2, False).add_(shortcut))
 
