@@ -301,3 +301,20 @@ def test_summary_run_logs_the_table_and_fails_on_missing_runs(tmp_path, dense_ru
     assert len(client.get_metric_history(run_id, "speedup_cpu-1t")) == 1  # a re-run summary adds no point
     roles = sorted(r.data.tags.get("role", "result") for r in _runs(uri))
     assert roles == ["result", "summary"]
+
+
+@pytest.mark.parametrize("user_choice", [None, "false"])
+def test_mlflow_telemetry_is_off_unless_the_user_turned_it_on(tmp_path, user_choice):
+    """A run sends nothing anywhere by default; MLFLOW_DISABLE_TELEMETRY=false (the user's choice) is kept."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+    if user_choice is not None:
+        env["MLFLOW_DISABLE_TELEMETRY"] = user_choice
+    code = ("import os\nfrom manidp.tracking.store import _client\n"
+            f"_client('sqlite:///{tmp_path / 'mlflow.db'}')\n"
+            "print(os.environ['MLFLOW_DISABLE_TELEMETRY'])\n")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == (user_choice or "true")

@@ -49,7 +49,11 @@ def resolve_uri(config_uri: Optional[str] = None) -> str:
 
 
 def _quiet_mlflow() -> None:
-    """Keep MLflow's INFO lines (table creation, migrations) out of the tool's stderr."""
+    """Keep MLflow's INFO lines (table creation, migrations) out of the tool's stderr, and its usage
+    telemetry off unless the user turned it on (``MLFLOW_DISABLE_TELEMETRY=false``): a benchmark's runs
+    should send nothing anywhere, and the telemetry client adds CPU time to every training job
+    (results/README, where the time goes)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow  # noqa: F401  (configures its loggers on import; the levels below come after)
