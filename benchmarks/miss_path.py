@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from manidp import kernels
+from manidp.gating.deployed import padded_kept
 
 STAGES = ((64, 56), (128, 28), (256, 14), (512, 7))
 
@@ -86,11 +87,10 @@ def stage(channels: int, size: int, keep: float, repeats: int, generator: torch.
         w = torch.ops.manidp.gather_slice(weight, rows, cols)
         return conv(x, reorder(w, *geometry, 1, list(x.shape)), bias.index_select(0, rows))
 
-    def padded(kept_index):  # kept first, then the lowest skipped channels up to a multiple of 16
-        target = min(channels, -(-kept // 16) * 16)
+    def padded(kept_index):  # as the deployed form pads a kept set: kept first, then skipped ones up to 16
         alive = torch.zeros(channels, dtype=torch.bool)
         alive[kept_index] = True
-        return torch.cat([kept_index, (~alive).nonzero().squeeze(1)[:target - kept]])
+        return padded_kept(alive, 16)[0]
 
     rows_p, cols_p = padded(rows), padded(cols)
     x_p = full[:, cols_p].contiguous(memory_format=torch.channels_last)

@@ -12,8 +12,8 @@ DEFAULT_SLICE_CACHE_MB = 256.0
 DTYPE_NAMES = ("fp32", "bf16")
 
 # The registries' built-in names, for the workflow's parse-time check (manidp.plan), which runs at every
-# `snakemake` call and would otherwise import torch and timm to build the registries (seconds each time).
-# tests/test_registry_names.py holds them equal to the registries themselves.
+# `snakemake` call and would otherwise import torch and timm to build the registries.
+# tests/test_plan.py (test_the_parse_time_names_are_the_registries) holds them equal to the registries.
 DATASET_NAMES = ("cifar10", "cifar100", "digits-c", "imagefolder", "imagenet")
 # The entry-point group methods register through (manidp.methods.load_all reads it).
 METHODS_ENTRY_POINT_GROUP = "manidp.methods"

@@ -371,11 +371,17 @@ def comparable(cfg: dict) -> dict:
     were."""
     out = {k: v for k, v in cfg.items() if k not in ("out", "tracking", "runtime", "entry")}
     if isinstance(out.get("data"), dict):
-        packaged = defaults()["data"]
+        packaged = _packaged_data_defaults()
         out["data"] = {k: v for k, v in out["data"].items() if k not in packaged or v != packaged[k]}
         if not out["data"]:
             del out["data"]
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _packaged_data_defaults() -> dict:
+    """The packaged ``data`` defaults, parsed once (every run's hash reads them; callers never modify them)."""
+    return defaults()["data"]
 
 
 def config_hash(cfg: dict) -> str:

@@ -38,7 +38,7 @@ from manidp.gating.gates import ChannelGate, GateKernel, _entry, copy_model, rou
 from manidp.gating.slices import (_PACKED, DEFAULT_SLICE_CACHE_MB, SliceCache, _ConvGeometry, _PackedConvs,
                                   _SlicedConv, _simd_block)
 
-__all__ = ["deploy_model", "deployed_blocks", "slice_cache", "set_slice_cache_limit", "cast_deployed"]
+__all__ = ["deploy_model", "deployed_blocks", "slice_cache", "set_slice_cache_limit", "cast_deployed", "padded_kept"]
 
 
 class _RoundedGate(nn.Module):
@@ -251,12 +251,7 @@ class _Deployed(DataDependent):
         key = alive.numpy().tobytes() + block.to_bytes(2, "little")
 
         def build():
-            kept = alive.nonzero().squeeze(1)
-            count = kept.numel()
-            target = min(alive.numel(), max(1, -(-count // block) * block))
-            index = kept
-            if target > count:
-                index = torch.cat([kept, (~alive).nonzero().squeeze(1)[:target - count]])
+            index, count = padded_kept(alive, block)
             return (index, count), index.numel() * index.element_size()
 
         index, count = self.cache.get((id(self), "kept", key), build)
@@ -314,13 +309,15 @@ class _Deployed(DataDependent):
         recurs it reads the ``count`` kept channels alone (:meth:`_slice`'s ``exact``); an empty kept set
         (one padded channel) and an unpadded one read ``y`` whole."""
         shape = tuple(y.shape)
-        rows_bias = bias if rows is None else bias.index_select(0, rows)
+
+        def sliced(inputs: torch.Tensor, input_shape: tuple, pack: bool) -> _SlicedConv:  # on a miss or a repack
+            return _SlicedConv(self._gather(weight, rows, inputs), bias if rows is None else bias.index_select(0, rows),
+                               geometry, 1, input_shape, pack)
+
         exact = None
         if 0 < count < cols.numel():
-            exact = lambda: _SlicedConv(self._gather(weight, rows, cols[:count]),  # noqa: E731
-                                        rows_bias, geometry, 1, (shape[0], count, *shape[2:]), True)
-        conv = self._slice(name, keys, lambda pack: _SlicedConv(
-            self._gather(weight, rows, cols), rows_bias, geometry, 1, shape, pack), exact)
+            exact = lambda: sliced(cols[:count], (shape[0], count, *shape[2:]), True)  # noqa: E731
+        conv = self._slice(name, keys, lambda pack: sliced(cols, shape, pack), exact)
         return conv, _leading_channels(y, conv.input_shape[1])
 
     def _first_slice(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -367,6 +364,17 @@ class _Deployed(DataDependent):
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def padded_kept(alive: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+    """(index, count) of a boolean keep vector: its ``count`` kept channels (ascending), then the
+    lowest-numbered skipped ones up to a multiple of ``block`` (at least one channel, at most all)."""
+    kept = alive.nonzero().squeeze(1)
+    count = kept.numel()
+    target = min(alive.numel(), max(1, -(-count // block) * block))
+    if target == count:
+        return kept, count
+    return torch.cat([kept, (~alive).nonzero().squeeze(1)[:target - count]]), count
 
 
 def _leading_channels(y: torch.Tensor, count: int) -> torch.Tensor:
