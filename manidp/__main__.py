@@ -1,5 +1,3 @@
-import sys
+from manidp.cli import run
 
-from manidp.cli import main
-
-sys.exit(main())
+run()

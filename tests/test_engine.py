@@ -200,3 +200,18 @@ def test_validation_only_run_never_touches_the_test_split(tmp_path, data_cache, 
     assert not [key for key in metrics if key.startswith("test")]
     assert metrics["val_top1"] > 20 and "val_macs_reduction" in metrics
     assert not (out / "instances_test.csv").exists() and (out / "instances_val.csv").is_file()
+
+
+def test_spearman_equals_scipys_with_ties_and_is_undefined_on_a_constant_column():
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from manidp.evaluation import spearman
+
+    rng = np.random.default_rng(0)
+    macs = rng.integers(0, 6, 200).astype(float)  # many ties, as a dynamic model's per-instance MACs have
+    severity = macs + rng.normal(0, 2, 200)
+    assert spearman(macs, severity) == pytest.approx(spearmanr(macs, severity).statistic, abs=1e-12)
+    assert spearman(macs, -severity) == pytest.approx(spearmanr(macs, -severity).statistic, abs=1e-12)
+    assert spearman(np.full(200, 3.0), severity) is None  # a static model's MACs
+    assert spearman(macs[:2], severity[:2]) is None
