@@ -349,6 +349,11 @@ def test_killed_workflow_leaves_one_finished_run_per_result(tiny_run):
     assert method.info.run_id == (tiny_run / "killed_run.txt").read_text()
     assert method.data.params["train.lr"] == "0.0125" and "test_top1" in method.data.metrics
     assert not list((tiny_run / "runs").rglob("tracking_pending.json"))
+    # The tiny config's tracking.log_model: false reached every training job, which logged no model.
+    assert not client.search_logged_models([client.get_experiment_by_name("digits-c").experiment_id])
+    for run in runs:
+        if "manidp.identity" in run.data.tags:
+            assert "manidp.model_format" not in run.data.tags and "manidp.model_not_logged" not in run.data.tags
 
 
 def _check_table(workdir: Path, epochs: int = 1) -> None:

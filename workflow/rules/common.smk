@@ -60,6 +60,9 @@ def of_dataset(plan_function):
 
 # ----------------------------------------------------------------- where things go
 TRACKING = config.get("tracking", {}).get("enabled", True)
+# Each tracked training job logs its model to MLflow unless this is off (a large ImageNet model, or a
+# quick run that needs no Models tab: torch.export and MLflow's checks cost every job seconds).
+LOG_MODEL = config.get("tracking", {}).get("log_model", True)
 # Jobs call the package's console scripts (manidp, torchrun): without a conda
 # environment per job, find them beside the Python that runs Snakemake, even
 # when its environment is not activated.
@@ -251,7 +254,8 @@ RUN_ID_PATTERN = r"[0-9a-f]{32}"
 
 
 def tracking_train_flag(wildcards, input) -> str:
-    """``manidp train`` flags: the parent run to log under, or no MLflow run when tracking is off.
+    """``manidp train`` flags: the parent run to log under (and whether to log the model), or no MLflow run
+    when tracking is off.
 
     The parent's id is read here and must be an MLflow run id, never pasted into
     the shell command: whatever a tampered marker file holds cannot become an
@@ -260,15 +264,16 @@ def tracking_train_flag(wildcards, input) -> str:
     """
     if not TRACKING:
         return "--set tracking.enabled=false"
+    log_model = "" if LOG_MODEL else " --set tracking.log_model=false"
     run_id = Path(input.parent).read_text().strip()
     if not run_id:
-        return ""
+        return log_model.strip()
     if not re.fullmatch(RUN_ID_PATTERN, run_id):
         raise WorkflowError(
             f"{input.parent} should hold the MLflow run id of the parent run (32 hex digits) but holds "
             f"{run_id[:60]!r}; delete the file and Snakemake re-creates it from the tracking store"
         )
-    return f"--set tracking.parent_run_id={run_id}"
+    return f"--set tracking.parent_run_id={run_id}{log_model}"
 
 
 def tracking_command_flag(wildcards) -> str:
