@@ -9,7 +9,10 @@ uniform keep rate whose MACs reduction, as the benchmark's one counter
 closest to ``--reduction``. The dense timm model (same weights, BN unfolded,
 as it runs in practice) and the deployed form (``manidp.gating.deploy_model``)
 are timed side by side in one process (warm-up, interleaved repeats, median),
-for each thread count. Output: one JSON object per measurement.
+for each thread count. Output: one JSON object per measurement; its
+``latency_ratio_paired`` is the median of the per-repeat ratios with a 95 %
+interval (with ``--repeats 15``, the default, about the 4th to 12th ratio),
+the figure's resolution on this machine.
 
     python benchmarks/resnet34_latency.py                      # 0.55, 1 and 2 threads
     python benchmarks/resnet34_latency.py --reduction 0.40 --threads 4
@@ -29,7 +32,7 @@ import torch
 from manidp.gating import (DEFAULT_SLICE_CACHE_MB, deploy_model, deployed_blocks, insert_gates, kept_channels,
                            slice_cache)
 from manidp.latency import (MEMORY_FORMATS, InMemoryFormat, distinct_kept_sets, hardware_profile, measure_latency,
-                            optimized_dense, prepare_deployed, spread, time_side_by_side)
+                            optimized_dense, paired_ratio, prepare_deployed, spread, time_side_by_side)
 from manidp.macs import InstanceMacs, count_macs
 from manidp.methods.manidp import SaliencyGate
 
@@ -257,6 +260,7 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
     return {"benchmark": "resnet34_latency_ablations", "threads": threads, "clock": args.clock,
             "macs_ratio": macs_ratio, "dense_reference": info, "ms": medians,
             "latency_ratio": {name: ms / medians["dense"] for name, ms in medians.items()},
+            "latency_ratio_paired": {name: paired_ratio(t, times["dense"]) for name, t in times.items()},
             "load_average": os.getloadavg(), "profile": hardware_profile("cpu", threads, "fp32")}
 
 

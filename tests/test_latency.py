@@ -65,6 +65,10 @@ def test_latency_subcommand_writes_its_report(gated_run, dense_run, tmp_path, ca
         spread = report[f"{name}_ms_spread"]
         assert spread["min"] <= spread["p25"] <= spread["median"] <= spread["p75"] <= spread["max"]
         assert spread["median"] == report[f"{name}_ms"]
+    paired = report["latency_ratio_paired"]  # 3 repeats: too few for a 95 % interval, and it says so
+    assert paired["n"] == 3 and paired["low"] is None and paired["high"] is None
+    assert paired["median"] == pytest.approx(sorted(d / r for d, r in zip(report["deployed_ms_repeats"],
+                                                                         report["dense_ms_repeats"]))[1])
     reference = report["dense_reference"]
     assert reference["mode"] in ("eager", "torchscript", "onednn", "inductor")
     assert reference["memory_format"] in ("contiguous", "channels_last")
@@ -165,3 +169,27 @@ def test_an_unavailable_result_is_not_final_and_a_measured_one_is_kept(tmp_path,
     result.write_text(json.dumps({"status": "unavailable", "reason": "no CUDA device", "device": "cuda"}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert latency.device_state("cuda", result) == "present"  # the device appeared: the job re-runs
+
+
+def test_paired_ratio_interval_is_the_sign_tests_and_holds_its_level():
+    import random
+
+    from manidp.latency import paired_ratio
+
+    dense = [2.0] * 15
+    deployed = [2.0 * (0.5 + i / 100) for i in range(15)]  # ratios 0.50, 0.51, ..., 0.64
+    paired = paired_ratio(deployed, dense)
+    # 15 repeats: the 4th and 12th smallest ratios bound the median with 1 - 2 P(B(15, 1/2) <= 3) = 0.965
+    assert (paired["low"], paired["median"], paired["high"]) == pytest.approx((0.53, 0.57, 0.61))
+    assert paired_ratio([1.0] * 5, [1.0] * 5)["low"] is None  # no interval of 5 repeats reaches 0.95
+    assert paired_ratio([1.0] * 6, [2.0] * 6)["low"] == 0.5
+    with pytest.raises(ValueError):
+        paired_ratio([1.0], [1.0, 2.0])
+    rng, misses, trials = random.Random(0), 0, 2000
+    for _ in range(trials):  # times with a common drift per repeat and skewed noise: the true median ratio is 0.6
+        drift = [rng.uniform(0.8, 1.5) for _ in range(15)]
+        ref = [d * rng.lognormvariate(0, 0.05) for d in drift]
+        dep = [0.6 * r * rng.lognormvariate(0, 0.05) / rng.lognormvariate(0, 0.05) for r in ref]
+        interval = paired_ratio(dep, ref)
+        misses += not interval["low"] <= 0.6 <= interval["high"]
+    assert misses / trials <= 0.05

@@ -17,18 +17,18 @@ workflow's latency rule call it). A requested device this machine lacks gives
 invented.
 
 The package reads in the order a timing is built: :mod:`~manidp.latency.measure`
-(the interleaved timer, the clocks, the spread of repeats),
+(the interleaved timer, the clocks, the spread of repeats, the paired ratio),
 :mod:`~manidp.latency.reference` (the optimized dense reference),
 :mod:`~manidp.latency.plan` (the deployed form planned, compiled and warmed to
 match it) and :mod:`~manidp.latency.report` (the side-by-side fields, the
 run's JSON, the hardware profile and device availability).
 """
-from manidp.latency.measure import MEMORY_FORMATS, InMemoryFormat, measure_latency, spread
+from manidp.latency.measure import MEMORY_FORMATS, InMemoryFormat, measure_latency, paired_ratio, spread
 from manidp.latency.plan import prepare_deployed
 from manidp.latency.reference import inductor_compile, optimized_dense
 from manidp.latency.report import (DTYPES, device_state, device_unavailable, distinct_kept_sets, hardware_profile,
                                    latency_report, time_side_by_side)
 
 __all__ = ["measure_latency", "hardware_profile", "device_unavailable", "device_state", "latency_report", "spread",
-           "optimized_dense", "inductor_compile", "prepare_deployed", "time_side_by_side", "distinct_kept_sets",
+           "paired_ratio", "optimized_dense", "inductor_compile", "prepare_deployed", "time_side_by_side", "distinct_kept_sets",
            "InMemoryFormat", "MEMORY_FORMATS", "DTYPES"]

@@ -8,6 +8,7 @@ paid where a deployment would pay it.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable, Mapping, Optional, Sequence
@@ -17,7 +18,7 @@ import torch.nn as nn
 
 from manidp.errors import UserError
 
-__all__ = ["measure_latency", "spread", "InMemoryFormat", "MEMORY_FORMATS"]
+__all__ = ["measure_latency", "spread", "paired_ratio", "InMemoryFormat", "MEMORY_FORMATS"]
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -98,3 +99,28 @@ def spread(values: Sequence[float]) -> dict:
     ordered = sorted(values)
     q = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
     return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2], "min": ordered[0], "max": ordered[-1]}
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float], level: float = 0.95) -> dict:
+    """The ratio of two models' times repeat by repeat: ``{"median", "low", "high", "level", "n"}``.
+
+    Each repeat ran both models back to back (:func:`measure_latency`), so a
+    drift of the machine's speed moves both sides of one repeat alike and
+    cancels in their ratio, which a ratio of the two medians does not do.
+    ``low``/``high`` bound the median of the per-repeat ratios with at least
+    ``level`` confidence by order statistics alone (the sign test's interval:
+    no assumption on how the times are distributed); with fewer than 6
+    repeats no interval reaches 0.95 and both are None.
+    """
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError("paired_ratio needs two equally long, non-empty lists of times")
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    n = len(ratios)
+    # [ratios[k], ratios[n-1-k]] misses the median when k+1 or more ratios fall on one side of it:
+    # probability 2 P(Binomial(n, 1/2) <= k). The narrowest interval (largest k) that misses rarely enough.
+    low = high = None
+    for k in range((n - 1) // 2, -1, -1):
+        if k < n - 1 - k and 1 - 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n >= level:
+            low, high = ratios[k], ratios[n - 1 - k]
+            break
+    return {"median": statistics.median(ratios), "low": low, "high": high, "level": level, "n": n}
