@@ -12,7 +12,8 @@ are timed side by side in one process (warm-up, interleaved repeats, median),
 for each thread count. Output: one JSON object per measurement; its
 ``latency_ratio_paired`` is the median of the per-repeat ratios with a 95 %
 interval (with ``--repeats 15``, the default, about the 4th to 12th ratio),
-the figure's resolution on this machine.
+the figure's resolution on this machine. torch's OpenMP threads spin while
+idle (``OMP_WAIT_POLICY=ACTIVE`` unless the environment says otherwise).
 
     python benchmarks/resnet34_latency.py                      # 0.55, 1 and 2 threads
     python benchmarks/resnet34_latency.py --reduction 0.40 --threads 4
@@ -26,8 +27,14 @@ import json
 import os
 import sys
 
-import timm
-import torch
+# Idle OpenMP threads spin between operators, as a latency deployment on its own cores runs them (both
+# sides get it: one process). The runtime reads this once, when torch loads it, so it is set before the
+# import; OMP_WAIT_POLICY=PASSIVE in the environment times the sleeping regime. Each JSON line's profile
+# records which (benchmarks/README, "The OpenMP wait policy").
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+
+import timm  # noqa: E402
+import torch  # noqa: E402
 
 from manidp.gating import (DEFAULT_SLICE_CACHE_MB, deploy_model, deployed_blocks, insert_gates, kept_channels,
                            slice_cache)

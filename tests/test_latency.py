@@ -193,3 +193,28 @@ def test_paired_ratio_interval_is_the_sign_tests_and_holds_its_level():
         interval = paired_ratio(dep, ref)
         misses += not interval["low"] <= 0.6 <= interval["high"]
     assert misses / trials <= 0.05
+
+
+def test_omp_wait_policy_is_set_for_the_process_and_recorded(gated_run, dense_run, tmp_path, capsys, monkeypatch):
+    """--omp-wait-policy reaches the OpenMP runtime only if set before torch loads: in its own process it is
+    set and the report's profile records it; in a process that loaded torch already it is refused, unless
+    the environment already holds it."""
+    import os
+    import subprocess
+
+    from conftest import manidp_cli
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    flags = ["--threads", "1", "--instances", "2", "--repeats", "1", "--warmup", "0", "--no-inductor",
+             "--dense", str(dense_run)]
+    assert main(["latency", str(gated_run), *flags, "--omp-wait-policy", "active"]) == 2
+    assert "OMP_WAIT_POLICY=ACTIVE" in capsys.readouterr().err
+    out = tmp_path / "latency.json"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run(manidp_cli("latency", str(gated_run), *flags, "--omp-wait-policy", "active",
+                                       "--out", str(out)), capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(out.read_text())["profile"]["omp_wait_policy"] == "active"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # already the environment's: nothing to set, no refusal
+    assert main(["latency", str(gated_run), *flags, "--omp-wait-policy", "passive", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["profile"]["omp_wait_policy"] == "passive"

@@ -113,6 +113,21 @@ def test_profile_switches_become_both_forms_of_the_flag(value, flag):
     assert args.inductor is value
 
 
+def test_every_profile_key_is_a_latency_flag():
+    """The workflow passes a hardware profile to `manidp latency` key by key: each key the schema allows must
+    parse as that command's flag, with a value the schema allows."""
+    from manidp.cli import build_parser
+
+    properties = yaml.safe_load(SCHEMA_FILE.read_text())["properties"]["hardware_profiles"][
+        "additionalProperties"]["properties"]
+    examples = {"integer": 2, "number": 64, "boolean": True}
+    profile = {key: spec["enum"][0] if "enum" in spec else examples[spec["type"]] for key, spec in properties.items()}
+    args = vars(build_parser().parse_args(["latency", "RUN", *profile_flags(profile, []).split()]))
+    for key, value in profile.items():
+        assert args[key] == value, key
+    assert profile["omp_wait_policy"] == "active"
+
+
 @pytest.mark.parametrize("value, text", [(0.4, "0.4"), (5e-05, "5e-05"), (True, "true"), (3, "3"),
                                          ([], "none"), ([1, 0.5], "1+0.5"), ("a", "a")])
 def test_label(value, text):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 from manidp._files import atomic_write_text
@@ -28,6 +30,10 @@ def _add_arguments(p) -> None:
     p.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=True,
                    help="try torch.compile (Inductor, with freezing) as a dense-reference candidate on the CPU; "
                         "--no-inductor leaves it out (it compiles for seconds to a minute)")
+    p.add_argument("--omp-wait-policy", choices=("active", "passive"),
+                   help="how torch's idle OpenMP threads wait between operators: active spins (a core kept "
+                        "for the timing, as latency deployments run), passive sleeps; sets OMP_WAIT_POLICY for "
+                        "this process (default: the environment's, else the runtime's own)")
     p.add_argument("--dense", help="dense run folder whose weights the dense model uses")
     p.add_argument("--slice-cache-mb", type=float, default=DEFAULT_SLICE_CACHE_MB,
                    help=f"memory cap of the deployed form's weight-slice cache (default {DEFAULT_SLICE_CACHE_MB:g})")
@@ -54,6 +60,8 @@ def _run(args) -> int:
     for run_dir in args.run_dir:
         if not (Path(run_dir) / "model.pt").is_file():
             raise UserError(f"{run_dir}/model.pt not found: give finished run folders (manidp train writes them)")
+    if args.omp_wait_policy:
+        _set_wait_policy(args.omp_wait_policy)
     from manidp.latency import latency_report  # torch, timm and the gated blocks: only when timing
 
     dense_cache: dict = {}  # one dense model and reference for every run timed against it
@@ -69,6 +77,17 @@ def _run(args) -> int:
         print(text)
     return 0
 
+
+def _set_wait_policy(policy: str) -> None:
+    """OMP_WAIT_POLICY for this process. The OpenMP runtime reads it once, when torch loads it: a caller
+    that loaded torch already (in-process use) must set it in the environment instead."""
+    if os.environ.get("OMP_WAIT_POLICY", "").lower() == policy:
+        return
+    if "torch" in sys.modules:
+        raise UserError(f"--omp-wait-policy {policy}: torch is already loaded in this process, so its OpenMP "
+                        f"runtime has read its wait policy; set OMP_WAIT_POLICY={policy.upper()} in the "
+                        f"environment instead, or run manidp latency as its own command")
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
 
 
 COMMANDS = (

@@ -82,7 +82,10 @@ def hardware_profile(device: str, threads: int, dtype: str, batch_size: int = 1)
     profile = {"device": device, "threads": threads, "dtype": dtype, "batch_size": batch_size,
                "torch": torch.__version__, "machine": platform.machine(), "cpu_model": _cpu_model(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
-               "onednn": _onednn_version() if torch.backends.mkldnn.is_available() else None}
+               "onednn": _onednn_version() if torch.backends.mkldnn.is_available() else None,
+               # Idle OpenMP threads spin or sleep between operators: a batch-1 CPU latency depends on it
+               # (benchmarks/README). None: the runtime's own default.
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "").lower() or None}
     if device == "cuda":
         profile["gpu"] = torch.cuda.get_device_name()
         profile["cuda"] = torch.version.cuda
