@@ -59,7 +59,8 @@ def evaluate(model, method, loader, counter: Optional[InstanceMacs], device, aut
 def spearman(a, b) -> Optional[float]:
     """Spearman's rho: Pearson's r of the ranks, ties given their average rank (as scipy.stats.spearmanr).
 
-    Ranked with pandas rather than scipy.stats, whose import costs every training job about half a second.
+    Ranked with pandas rather than scipy.stats, whose import would cost every training job a visible share
+    of its start-up.
     """
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:

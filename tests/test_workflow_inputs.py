@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +37,9 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None) -> subprocess.
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environ, cwd=workdir)
 
 
-def _with_parent(tmp_path: Path, content: str) -> Path:
+def _with_parent(tmp_path: Path, content: str, config: dict | None = None) -> Path:
     """A working directory whose store and parent marker exist, so a training job is the next to run."""
-    workdir = _workdir(tmp_path)
+    workdir = _workdir(tmp_path, config)
     (workdir / "results" / "tracking").mkdir(parents=True)
     (workdir / "results" / "tracking" / "store.txt").write_text("sqlite:///results/mlflow.db\n")
     (workdir / PARENT).parent.mkdir(parents=True)
@@ -46,12 +47,17 @@ def _with_parent(tmp_path: Path, content: str) -> Path:
     return workdir
 
 
-def test_parent_run_id_reaches_training_as_one_flag(tmp_path):
-    workdir = _with_parent(tmp_path, RUN_ID + "\n")
+@pytest.mark.parametrize("log_model", [True, False])
+def test_parent_run_id_reaches_training_as_one_flag(tmp_path, log_model):
+    """The parent's id, and tracking.log_model: false (the tiny config's) as its own flag; true adds none."""
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config["tracking"]["log_model"] = log_model
+    workdir = _with_parent(tmp_path, RUN_ID + "\n", config)
     result = snakemake(workdir, f"{DENSE}/metrics.json", "-n", "-p")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     command = result.stdout.split("Shell command:", 1)[1]
-    assert f"--set tracking.parent_run_id={RUN_ID} >" in command, command
+    flags = f"--set tracking.parent_run_id={RUN_ID}" + ("" if log_model else " --set tracking.log_model=false")
+    assert f"{flags} >" in command, command
     assert "$(" not in command and "parent_run.txt" not in command
 
 

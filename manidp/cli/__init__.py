@@ -126,12 +126,12 @@ def main(argv=None) -> int:
 def run() -> None:
     """The ``manidp`` console script: :func:`main`, then exit without the interpreter's last garbage collections.
 
-    Python's shutdown runs several full collections over every object still alive; with torch, timm and
-    MLflow loaded that is half a million objects and about 1.5 s of a short training job's wall time (the
-    default run starts some forty of them). Everything a command writes is closed and flushed before
-    :func:`main` returns (``atexit`` handlers, logging's among them, still run), and Python never promised
-    finalizers for objects alive at exit, so freezing them changes no output. :func:`main` alone, as tests
-    and the workflow's in-process callers use it, leaves the collector untouched.
+    Python's shutdown runs several full collections over every object still alive, and torch, timm and
+    MLflow leave so many that this is a visible share of a short training job, which the default run
+    starts dozens of (results/README, "Where the time goes"). Everything a command writes is closed and
+    flushed before :func:`main` returns (``atexit`` handlers, logging's among them, still run), and Python
+    never promised finalizers for objects alive at exit, so freezing them changes no output. :func:`main`
+    alone, as tests and other in-process callers use it, leaves the collector untouched.
     """
     code = main()
     gc.freeze()
