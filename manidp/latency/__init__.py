@@ -30,5 +30,5 @@ from manidp.latency.report import (DTYPES, device_state, device_unavailable, dis
                                    latency_report, time_side_by_side)
 
 __all__ = ["measure_latency", "hardware_profile", "device_unavailable", "device_state", "latency_report", "spread",
-           "paired_ratio", "optimized_dense", "inductor_compile", "prepare_deployed", "time_side_by_side", "distinct_kept_sets",
-           "InMemoryFormat", "MEMORY_FORMATS", "DTYPES"]
+           "paired_ratio", "optimized_dense", "inductor_compile", "prepare_deployed", "time_side_by_side",
+           "distinct_kept_sets", "InMemoryFormat", "MEMORY_FORMATS", "DTYPES"]
