@@ -63,6 +63,25 @@ def test_resnet34_latency_reports_a_deployed_form_equal_to_the_masked_model(caps
         assert per_instance["first_pass_hit_rate"] is None  # no block asked the slice cache
 
 
+def test_resnet34_latency_repeats_the_measurement_in_fresh_processes(capsys):
+    """--processes N: N children, each line tagged with its process, and a summary of their paired ratios."""
+    script = _script("resnet34_latency")
+    assert script._without_processes(["--processes", "3", "--threads", "1", "--processes=2"]) == ["--threads", "1"]
+    assert script.main(["--processes", "2", "--patterns", "static", "--threads", "1", "--repeats", "6",
+                        "--warmup", "0", "--instances", "1", "--plan-instances", "1", "--no-inductor",
+                        "--size", "112"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    measured = [r for r in rows if r["benchmark"] == "resnet34_latency"]
+    assert [r["process"] for r in measured] == [0, 1]
+    assert all(r["latency_ratio_paired"]["n"] == 6 and r["latency_ratio_paired"]["low"] is not None
+               for r in measured)
+    (summary,) = [r for r in rows if r["benchmark"] == "resnet34_latency_processes"]
+    values = [r["latency_ratio_paired"]["median"] for r in measured]
+    assert summary["latency_ratio_paired"] == values and summary["processes"] == 2
+    assert (summary["keep_pattern"], summary["threads"]) == ("static", 1)
+    assert summary["min"] == min(values) <= summary["median"] <= summary["max"] == max(values)
+
+
 def test_miss_path_times_every_way_of_paying_a_miss_on_the_same_output(capsys, restore_threads):
     """Each row computes the hit's output (the script checks it before timing), one JSON line per stage."""
     assert _script("miss_path").main(["--repeats", "1", "--keep", "0.5"]) == 0
