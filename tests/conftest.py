@@ -14,6 +14,30 @@ import pytest
 
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_untouched():
+    """The suite writes nothing into the checkout: MLflow puts a sqlite store's artifacts in ``mlruns/``
+    under the working directory, so a test that opens a store while the checkout is the working directory
+    would leave runs there (``mlruns/`` is the default run's own, and git ignores it: nothing else would
+    notice). Every test gets its own working directory (:func:`_own_working_directory`); this checks it."""
+    def listing() -> set:
+        return {p.relative_to(ROOT) for p in (ROOT / "mlruns").rglob("*")} if (ROOT / "mlruns").is_dir() else set()
+
+    before = listing()
+    yield
+    added = listing() - before
+    assert not added, f"the suite wrote into the checkout's mlruns/: {sorted(map(str, added))[:5]}"
+
+
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path, monkeypatch):
+    """Each test runs in its own empty folder, as a user runs the workflow in a project folder; paths
+    into the checkout are absolute (ROOT)."""
+    monkeypatch.chdir(tmp_path)
+
 
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
