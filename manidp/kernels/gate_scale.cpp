@@ -25,6 +25,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <optional>
@@ -49,6 +50,28 @@ inline int64_t chunks_of(int64_t n, int64_t grain) {
   return std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, (n + grain - 1) / std::max<int64_t>(grain, 1)));
 }
 
+// acc[c] += x[c] (|x[c]| when Abs) for one channels_last row of C values, in fp64: a loop the compiler
+// vectorizes (the absolute flag a template argument, not a branch per element).
+template <typename T, bool Abs>
+inline void accumulate_row(const T* row, int64_t C, double* acc) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double v = static_cast<double>(static_cast<float>(row[c]));
+    acc[c] += Abs ? std::abs(v) : v;
+  }
+}
+
+// Rows [first, end) of a channels_last map (row r at h = r / W, w = r % W) into acc, the position carried
+// from row to row: a division per row would cost more than the row's sum on maps of few channels.
+template <typename T, bool Abs>
+void accumulate_rows(const T* x, int64_t C, int64_t W, int64_t sh, int64_t sw, int64_t first, int64_t end,
+                     double* acc) {
+  int64_t h = first / W, w = first % W;
+  for (int64_t r = first; r < end; ++r) {
+    accumulate_row<T, Abs>(x + h * sh + w * sw, C, acc);
+    if (++w == W) w = 0, ++h;
+  }
+}
+
 // out[c] = mean over (h, w) of x[c * sc + h * sh + w * sw] (of |x| when absolute), accumulated in fp64.
 // Large maps split their rows (channels_last) or channels (otherwise) between torch's threads; called
 // inside a parallel region (a batch split by instance) it runs inline.
@@ -63,10 +86,9 @@ void pool(const T* x, bool absolute, int64_t C, int64_t H, int64_t W, int64_t sc
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
       for (int64_t k = first; k < last; ++k) {
         double* acc = partial.data() + k * C;
-        for (int64_t r = k * per, end = std::min(rows, r + per); r < end; ++r) {
-          const T* row = x + (r / W) * sh + (r % W) * sw;
-          for (int64_t c = 0; c < C; ++c) acc[c] += value(row[c], absolute);
-        }
+        const int64_t begin = k * per, end = std::min(rows, begin + per);
+        if (absolute) accumulate_rows<T, true>(x, C, W, sh, sw, begin, end, acc);
+        else accumulate_rows<T, false>(x, C, W, sh, sw, begin, end, acc);
       }
     });
     for (int64_t c = 0; c < C; ++c) {
@@ -87,14 +109,20 @@ void pool(const T* x, bool absolute, int64_t C, int64_t H, int64_t W, int64_t sc
   }
 }
 
-// y[j] = b[j] + sum_i x[i] * wt[i, j]  (wt: [in, out] row-major, so the inner loop is contiguous)
+// y[j] = b[j] + sum_i x[i] * wt[i, j]  (wt: [in, out] row-major, so the inner loop is contiguous).
+// A wide layer (a 512-channel gate's weights are a megabyte, read from cache at every call) splits its
+// outputs between torch's threads; each y[j] sums in the same order at any thread count. Called inside a
+// parallel region (a batch split by instance) it runs inline.
 void linear(const float* x, const float* wt, const float* b, int64_t in, int64_t out, float* y) {
-  if (b) std::copy(b, b + out, y); else std::fill(y, y + out, 0.0f);
-  for (int64_t i = 0; i < in; ++i) {
-    const float xi = x[i];
-    const float* row = wt + i * out;
-    for (int64_t j = 0; j < out; ++j) y[j] += xi * row[j];
-  }
+  const int64_t grain = std::max<int64_t>(16, (16384 / std::max<int64_t>(in, 1) + 15) / 16 * 16);
+  at::parallel_for(0, out, grain, [&](int64_t first, int64_t last) {
+    if (b) std::copy(b + first, b + last, y + first); else std::fill(y + first, y + last, 0.0f);
+    for (int64_t i = 0; i < in; ++i) {
+      const float xi = x[i];
+      const float* row = wt + i * out;
+      for (int64_t j = first; j < last; ++j) y[j] += xi * row[j];
+    }
+  });
 }
 
 // The mask value as the ATen form applies it: mask.to(y.dtype) before the multiply, so under bf16 the
