@@ -220,7 +220,9 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
     ``pack_on_miss``: a slice is packed when it is gathered, not on its first
     reuse (a kept set that never recurs pays a reorder it never uses);
     ``padded_inputs``: a recurring slice reads the padded kept set as its
-    input channels, not the kept channels alone.
+    input channels, not the kept channels alone; ``unfused_glue``: scale,
+    pool, gate 2 and the dropping of the padding as three calls (the
+    ``scale_pool_`` op, the gate op, a copy), not one (``scale_pool_gate``).
     Each is planned and warmed on ``plan_inputs`` and its slice cache
     restored before every pass. Ratios are against the optimized dense
     reference.
@@ -231,11 +233,11 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
 
     def variant(name, cache_mb=args.slice_cache_mb, memory_format=fmt, eager_gates=False, compiled=True,
                 dispatch=True, kept_block=None, gather_kernel=True, pack_on_reuse=True, choose_format=True,
-                exact_inputs=True):
+                exact_inputs=True, fused_glue=True):
         deployed = deploy_model(gated, slice_cache_mb=cache_mb)
         for block in deployed_blocks(deployed).values():
             block.use_kernels, block.gather_kernel, block.pack_on_reuse = compiled, gather_kernel, pack_on_reuse
-            block.exact_inputs = exact_inputs
+            block.exact_inputs, block.fused_glue = exact_inputs, fused_glue
             if kept_block is not None:
                 block.kept_block = kept_block
             if eager_gates:
@@ -262,7 +264,8 @@ def ablations(dense, gated, inputs, plan_inputs, args, threads: int, macs_ratio:
               "no_kept_padding": variant("no_kept_padding", kept_block=1),
               "aten_gather": variant("aten_gather", gather_kernel=False),
               "pack_on_miss": variant("pack_on_miss", pack_on_reuse=False),
-              "padded_inputs": variant("padded_inputs", exact_inputs=False)}
+              "padded_inputs": variant("padded_inputs", exact_inputs=False),
+              "unfused_glue": variant("unfused_glue", fused_glue=False)}
     times = measure_latency(models, inputs, args.warmup, args.repeats, args.clock, restore)
     medians = {name: spread(t)["median"] for name, t in times.items()}
     return {"benchmark": "resnet34_latency_ablations", "threads": threads, "clock": args.clock,

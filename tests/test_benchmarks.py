@@ -102,6 +102,26 @@ def test_unseen_instances_times_padded_and_unpadded_sets(capsys, restore_threads
     assert all(len(t) == 1 for t in row["ms_each"].values())  # each unseen instance runs once per model
 
 
+@pytest.mark.parametrize("switch", ["fused_glue", "use_kernels"])
+def test_block_switches_times_every_gathered_block_both_ways(capsys, restore_threads, switch):
+    """One line per gathered block with both medians and the paired ratio, and a total that adds them up;
+    the switch is left on."""
+    script = _script("block_switches")
+    assert script.main(["--switch", switch, "--repeats", "6", "--warmup", "1", "--size", "64"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    blocks, total = rows[:-1], rows[-1]
+    assert total["benchmark"] == "block_switch_total" and total["gathered_blocks"] == len(blocks) > 0
+    assert all(r["benchmark"] == "block_switch" and r["switch"] == switch for r in blocks)
+    assert all(r["on_over_off_paired"]["n"] == 6 and r["on_over_off_paired"]["low"] is not None for r in blocks)
+    assert total["saved_us"] == pytest.approx(sum(r["saved_us"] for r in blocks))
+
+
+def test_block_switches_refuses_bad_counts(capsys):
+    with pytest.raises(SystemExit) as stop:
+        _script("block_switches").main(["--repeats", "0"])
+    assert stop.value.code == 2 and "--repeats must be >= 1" in capsys.readouterr().err
+
+
 def test_resnet34_latency_refuses_a_bad_rounding(capsys):
     with pytest.raises(SystemExit) as stop:
         _script("resnet34_latency").main(["--round-to", "0"])

@@ -205,6 +205,33 @@ def test_scale_pool_equals_scale_then_scattered_pool():
 
 
 @needs_compiler
+@pytest.mark.parametrize("padding", [0, 3])
+def test_scale_pool_gate_equals_scale_pool_then_the_gate(padding):
+    """The fused glue of a gathered block: scale, pool and the next gate's mask give what scale_pool_ and
+    gate_mask give, bit for bit; with ``keep`` the map comes back as its first ``keep`` channels (a padded
+    kept set's padding, mask 0, dropped), in place otherwise."""
+    index, mask, y, _ = _gathered_case(kept=12)
+    kept = index.numel() - padding
+    mask[0, index[kept:]] = 0  # the padding of a padded kept set has mask 0
+    gate = _manidp_gate(24, 24, torch.randn(8, 24, 1, 1).relu(), 0.5)
+    spec = gate.kernel_spec()
+    expected_y = y.clone()
+    expected_mask = spec.mask(torch.ops.manidp.scale_pool_(expected_y, index, mask))
+    assert kernels.available()
+    got_y = y.clone()
+    out, got_mask = spec.scale_pool_mask(got_y, index, mask, kept)
+    assert torch.equal(got_mask, expected_mask) and (got_mask != 0).any() and (got_mask == 0).any()
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.shape[1] == kept
+    assert torch.equal(out, expected_y[:, :kept])
+    assert (out.data_ptr() == got_y.data_ptr()) == (padding == 0)  # in place unless compacted
+    with pytest.raises(RuntimeError, match="keep must be in"):
+        spec.scale_pool_mask(y.clone(), index, mask, index.numel() + 1)
+    if padding:
+        with pytest.raises(RuntimeError, match="beyond keep has a nonzero mask value"):
+            spec.scale_pool_mask(y.clone(), index, mask, kept - 1)
+
+
+@needs_compiler
 @pytest.mark.parametrize("relu", [True, False])
 def test_add_channels_equals_scale_index_add_and_relu(relu):
     from manidp.gating.deployed import _add_channels, _scale
@@ -405,6 +432,45 @@ def test_gather_slice_equals_index_select_and_writes_channels_last(two_threads, 
     with pytest.raises(RuntimeError, match="contiguous 4-D fp32 or bf16"):
         torch.ops.manidp.gather_slice(torch.randn(96, 80, 3, 3).contiguous(memory_format=torch.channels_last),
                                       rows, cols)
+
+
+@needs_compiler
+def test_a_recurring_kept_set_reaches_conv2_compacted_in_one_call(monkeypatch):
+    """Once conv1's kept set recurs, scale, pool, gate 2 and the dropping of the padding are one compiled call
+    (``manidp::scale_pool_gate``) and conv2's recurring slice reads its result whole: no channel copy is
+    left. Outputs equal the masked model's and the three-call glue's (``fused_glue`` False)."""
+    from unittest import mock
+
+    import manidp.gating.deployed as deployed_module
+    from manidp.gating.slices import _PACKED
+
+    model = _deployed_manidp()
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    copies = []
+    leading = deployed_module._leading_channels
+    monkeypatch.setattr(deployed_module, "_leading_channels",
+                        lambda y, count: copies.append(count < y.shape[1]) or leading(y, count))
+    with torch.no_grad():
+        masked = model(x)
+        outs = {}
+        for fused in (True, False):
+            deployed = deploy_model(model)
+            for block in deployed_blocks(deployed).values():
+                block.path, block.fused_glue = "gathered", fused
+            for _ in range(2):  # a miss, then the first reuse: the kept sets recur from here on
+                deployed(x.clone())
+            copies.clear()
+            with mock.patch.object(torch.ops.manidp, "scale_pool_gate", wraps=torch.ops.manidp.scale_pool_gate) as op:
+                outs[fused] = deployed(x.clone())
+            calls = [(c.args[3], c.args[1].numel()) for c in op.call_args_list]
+            blocks = len(deployed_blocks(deployed))
+            if fused:
+                assert len(calls) == blocks and not any(copies)  # one call a block; nothing copied
+                assert any(keep < padded for keep, padded in calls) == _PACKED  # padded kept sets, compacted
+            else:
+                assert not calls and any(copies) == _PACKED
+    assert torch.equal(outs[True], outs[False])
+    assert (outs[True] - masked).abs().max() <= 1e-4 * masked.abs().max()
 
 
 @needs_compiler

@@ -142,6 +142,7 @@ class _Deployed(DataDependent):
         self.gather_kernel = True  # kept weights through manidp::gather_slice (False: ATen's, to compare)
         self.pack_on_reuse = True  # slices packed on their first hit (False: on the miss, to compare)
         self.exact_inputs = True  # recurring slices read the kept input channels only (False: padded, to compare)
+        self.fused_glue = True  # scale, pool, gate 2 and compaction in one compiled call (False: three, to compare)
         self.kept_block = _simd_block()  # kept sets padded to a multiple of this (:meth:`_kept`; 1: not padded)
         self.full = _PackedConvs()  # the dense path's convolutions and the shortcut, prepacked per input shape
 
@@ -309,9 +310,12 @@ class _Deployed(DataDependent):
                        rows: Optional[torch.Tensor], cols: torch.Tensor, count: int,
                        geometry: _ConvGeometry) -> tuple[_SlicedConv, torch.Tensor]:
         """A convolution reading ``y``, whose channels are the padded kept set ``cols`` (its first ``count``
-        kept), restricted to output channels ``rows`` (None: all), cached: (slice, its input). Once the slice
-        recurs it reads the ``count`` kept channels alone (:meth:`_slice`'s ``exact``); an empty kept set
-        (one padded channel) and an unpadded one read ``y`` whole."""
+        kept) or, compacted (:meth:`_scaled_mask`), those ``count`` alone, restricted to output channels
+        ``rows`` (None: all), cached: (slice, its input). A miss reads the channels ``y`` has; once the slice
+        recurs it reads the ``count`` kept channels alone (:meth:`_slice`'s ``exact``): a compacted ``y``
+        whole, a padded one copied; an empty kept set (one padded channel) and an unpadded one read ``y``
+        whole. A slice packed with padded input channels never meets a compacted ``y``: packing on reuse
+        packs the kept channels alone, and packing on a miss compacts nothing."""
         shape = tuple(y.shape)
 
         def sliced(inputs: torch.Tensor, input_shape: tuple, pack: bool) -> _SlicedConv:  # on a miss or a repack
@@ -321,18 +325,45 @@ class _Deployed(DataDependent):
         exact = None
         if 0 < count < cols.numel():
             exact = lambda: sliced(cols[:count], (shape[0], count, *shape[2:]), True)  # noqa: E731
-        conv = self._slice(name, keys, lambda pack: sliced(cols, shape, pack), exact)
+        read = cols if shape[1] == cols.numel() else cols[:shape[1]]  # y compacted already: its channels
+        conv = self._slice(name, keys, lambda pack: sliced(read, shape, pack), exact)
         return conv, _leading_channels(y, conv.input_shape[1])
 
     def _first_slice(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                     geometry: _ConvGeometry) -> tuple[torch.Tensor, torch.Tensor, bytes, int, _SlicedConv]:
-        """Gate 1's mask of ``x``, its kept channels (index, key, count), and the block's first convolution
-        restricted to those output channels (cached)."""
+                     geometry: _ConvGeometry) -> tuple[torch.Tensor, torch.Tensor, bytes, int, _SlicedConv, bool]:
+        """Gate 1's mask of ``x``, its kept channels (index, key, count), the block's first convolution
+        restricted to those output channels (cached), and whether that slice recurred (a cache hit)."""
         mask = self._mask_of(0, x)
         index, key, count = self._kept(mask)
+        hits = self.cache.hits
         conv = self._slice(name, (key, x.shape), lambda pack: _SlicedConv(
             self._gather(weight, index), bias.index_select(0, index), geometry, 1, x.shape, pack))
-        return mask, index, key, count, conv
+        return mask, index, key, count, conv, self.cache.hits > hits
+
+    def _scaled_mask(self, y: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, count: int, channels: int,
+                     recurring: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first convolution's outputs ``y`` (the padded kept set ``index``, ``count`` kept) times their
+        mask values, and gate 2's mask of their pool: (``y``, mask).
+
+        Once the kept set recurs (``recurring``), ``y`` comes back compacted to its ``count`` kept channels,
+        which the second convolution's recurring slice reads whole (:meth:`_reading_slice`); a kept set
+        seen once keeps its padding, so a miss's convolution keeps one of few padded shapes. Where the
+        gate offers a compiled op, all of it is one call (``manidp::scale_pool_gate``: scale, pool, gate
+        and compaction in one pass over ``y``); else ``manidp::scale_pool_`` (or ATen), the gate on the
+        pool and a copy.
+        """
+        keep = index.numel()
+        # only where conv2's recurring slice is packed on the kept channels (a packable slice, packed on reuse):
+        # a slice left plain keeps its padded input channels
+        if (recurring and _PACKED and y.is_cpu and y.dtype in (torch.float32, torch.bfloat16)
+                and getattr(self, "exact_inputs", True) and getattr(self, "pack_on_reuse", True) and 0 < count < keep):
+            keep = count
+        kernel = self.kernels[1]
+        if (kernel is not None and self.use_kernels and getattr(self, "fused_glue", True)
+                and mask.dtype == torch.float32 and _compiled_gathered(y) and kernel.takes(y)):
+            return kernel.scale_pool_mask(y, index, mask, keep)
+        y, pooled = _scale_pool(y, mask, index, channels, self.use_kernels)
+        return _leading_channels(y, keep), self._mask_of(1, pooled, pooled=True)
 
     def _full_conv(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    geometry: "_ConvGeometry", relu: bool, groups: int = 1) -> torch.Tensor:

@@ -179,6 +179,16 @@ class GateKernel:
         return torch.ops.manidp.gate_mask(source, self.w1t, self.b1, self.w2t, self.b2, self.relu_out,
                                           self.abs_pool, self.clamp_max, self.cut, self.topk, self.round_to)
 
+    def scale_pool_mask(self, y: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, keep: int) -> tuple:
+        """The previous gate's kept channels ``y`` (channels ``index``) times their ``mask`` values, and this
+        gate's mask of their pool, in one call (``torch.ops.manidp.scale_pool_gate``): (the scaled map, in
+        place, or a new one of its first ``keep`` channels; the mask ``[1, C_out]``)."""
+        if not kernels.available():
+            raise UserError(f"the compiled gate op is not available: {kernels.status()}")
+        return torch.ops.manidp.scale_pool_gate(y, index, mask, keep, self.w1t, self.b1, self.w2t, self.b2,
+                                                self.relu_out, self.abs_pool, self.clamp_max, self.cut, self.topk,
+                                                self.round_to)
+
     def takes(self, source: torch.Tensor) -> bool:
         """Whether the ops take this input (a 4-D fp32 or bf16 CPU map, weights on the CPU) and are built."""
         return (source.is_cpu and self.w1t.is_cpu and source.dim() == 4

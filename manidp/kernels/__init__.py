@@ -10,6 +10,10 @@
   included (split between threads on large maps): the gathered path.
 * ``scale_pool_(y, index, mask)``: the kept channels ``y`` times their mask
   values, in place, and the ``[1, C, 1, 1]`` pool the next gate reads.
+* ``scale_pool_gate(y, index, mask, keep, w1t, ...)``: ``scale_pool_`` and
+  the next gate (``gate_mask``'s arguments) in one call, the result
+  compacted to its first ``keep`` channels (dropping a padded kept set's
+  padding) for a convolution built on the kept channels alone.
 * ``add_channels_(out, index, z, mask, relu)``: the residual sum at the kept
   channels (``z`` scaled by its mask values) and the ReLU, in one pass.
 * ``gather_slice(weight, rows, cols)``: ``weight[rows][:, cols]`` of an OIHW
@@ -53,7 +57,7 @@ from manidp.kernels._toolchain import SOURCE, _compiler  # noqa: F401  (_compile
 
 __all__ = ["load", "status", "available", "threading", "cache_dir", "SOURCE"]
 
-OPS = ("gate_scale_", "gate_mask", "scale_pool_", "add_channels_", "gather_slice")
+OPS = ("gate_scale_", "gate_mask", "scale_pool_", "scale_pool_gate", "add_channels_", "gather_slice")
 
 _state: dict[str, Optional[str]] = {"status": None}
 # what this process dlopened: it stays loaded when the status is reset, so it is kept apart from it

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <numeric>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -354,36 +355,76 @@ std::vector<float> kept_scales(const at::Tensor& mask, const at::Tensor& index, 
   return s;
 }
 
-// y (K kept channels) *= mask[index] in place; returns the fp32 global mean pool of the result scattered
-// into a [1, C, 1, 1] map (zeros at the skipped channels): the input of the block's next gate.
-at::Tensor scale_pool_(at::Tensor& y, const at::Tensor& index, const at::Tensor& mask) {
-  check_gathered(y, "y");
+// y (K kept channels) times mask[index], written to dst as its first keep channels (dst == y: in place; the
+// channels from keep on must have mask 0, a padded kept set's padding); returns the fp32 global mean pool of
+// the result scattered into C values (zeros at the skipped channels): the input of the block's next gate.
+std::vector<float> scale_pool_into(at::Tensor& y, const at::Tensor& index, const at::Tensor& mask, int64_t keep,
+                                   float* dst) {
   const int64_t K = y.size(1), C = mask.size(1), rows = y.size(2) * y.size(3);
   const std::vector<float> s = kept_scales(mask, index, K, C);
+  for (int64_t j = keep; j < K; ++j)
+    TORCH_CHECK(s[j] == 0.0f, "manidp scale_pool_gate: kept channel ", j, " beyond keep has a nonzero mask value");
   const int64_t* idx = index.data_ptr<int64_t>();
-  float* data = y.data_ptr<float>();
+  const float* data = y.data_ptr<float>();
   const int64_t chunks = chunks_of(rows, 256), per = (rows + chunks - 1) / chunks;
-  std::vector<double> partial(chunks * K, 0.0);  // by chunk, never by thread (see chunks_of)
+  std::vector<double> partial(chunks * keep, 0.0);  // by chunk, never by thread (see chunks_of)
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
-      double* acc = partial.data() + k * K;
+      double* acc = partial.data() + k * keep;
       for (int64_t r = k * per, end = std::min(rows, r + per); r < end; ++r) {
-        float* row = data + r * K;
-        for (int64_t j = 0; j < K; ++j) {
-          row[j] *= s[j];
-          acc[j] += row[j];
+        const float* row = data + r * K;
+        float* out = dst + r * keep;
+        for (int64_t j = 0; j < keep; ++j) {
+          out[j] = row[j] * s[j];
+          acc[j] += out[j];
         }
       }
     }
   });
-  at::Tensor pooled = at::zeros({1, C, 1, 1}, mask.options());
-  float* out = pooled.data_ptr<float>();
-  for (int64_t j = 0; j < K; ++j) {
+  std::vector<float> pooled(C, 0.0f);
+  for (int64_t j = 0; j < keep; ++j) {
     double total = 0.0;
-    for (int64_t k = 0; k < chunks; ++k) total += partial[k * K + j];
-    out[idx[j]] = static_cast<float>(total / static_cast<double>(rows));
+    for (int64_t k = 0; k < chunks; ++k) total += partial[k * keep + j];
+    pooled[idx[j]] = static_cast<float>(total / static_cast<double>(rows));
   }
   return pooled;
+}
+
+// y (K kept channels) *= mask[index] in place; returns the fp32 global mean pool of the result scattered
+// into a [1, C, 1, 1] map (zeros at the skipped channels): the input of the block's next gate.
+at::Tensor scale_pool_(at::Tensor& y, const at::Tensor& index, const at::Tensor& mask) {
+  check_gathered(y, "y");
+  const std::vector<float> p = scale_pool_into(y, index, mask, y.size(1), y.data_ptr<float>());
+  at::Tensor pooled = at::empty({1, mask.size(1), 1, 1}, mask.options());
+  std::copy(p.begin(), p.end(), pooled.data_ptr<float>());
+  return pooled;
+}
+
+// scale_pool_ and the next gate in one call, the kept channels compacted on the way: y (K kept channels)
+// times mask[index]; the result is y itself (in place) when keep == K, else a new map of its first keep
+// channels (the rest must have mask 0: a padded kept set's padding), the input a convolution built on the
+// kept channels alone reads whole. Returned with the mask [1, cout] of the gate (w1t ... round_to, as
+// gate_mask takes them) on the [1, C] pool of the scaled channels: the same values, in the same order of
+// sums, as scale_pool_ then gate_mask on its pool, without a second dispatch or a copy of the map.
+std::tuple<at::Tensor, at::Tensor> scale_pool_gate(at::Tensor& y, const at::Tensor& index, const at::Tensor& mask,
+                                                   int64_t keep, const at::Tensor& w1t,
+                                                   const c10::optional<at::Tensor>& b1,
+                                                   const c10::optional<at::Tensor>& w2t,
+                                                   const c10::optional<at::Tensor>& b2, bool relu_out, bool abs_pool,
+                                                   double clamp_max, double cut, int64_t topk, int64_t round_to) {
+  check_gathered(y, "y");
+  TORCH_CHECK(keep >= 1 && keep <= y.size(1), "manidp scale_pool_gate: keep must be in [1, ", y.size(1), "], got ",
+              keep);
+  const Gate g = make_gate(mask.size(1), w1t, b1, w2t, b2, relu_out, abs_pool, clamp_max, cut, topk, round_to);
+  at::Tensor result = keep == y.size(1) ? y : at::empty({1, keep, y.size(2), y.size(3)},
+                                                         y.options().memory_format(at::MemoryFormat::ChannelsLast));
+  std::vector<float> p = scale_pool_into(y, index, mask, keep, result.data_ptr<float>());
+  for (auto& v : p) v = static_cast<float>(value(v, g.abs_pool));  // as gate_mask reads a [1, C, 1, 1] pool
+  at::Tensor masks = at::zeros({1, g.cout}, w1t.options());
+  std::vector<float> h, z, sal;
+  std::vector<int64_t> order;
+  mask_of(g, p.data(), h, z, order, sal, masks.data_ptr<float>());
+  return std::make_tuple(result, masks);
 }
 
 // out[:, index[j]] += z[:, j] * mask[index[j]], then ReLU over out when relu: the residual sum of a
@@ -462,6 +503,9 @@ TORCH_LIBRARY(manidp, m) {
   m.def("gate_mask(Tensor source, Tensor w1t, Tensor? b1, Tensor? w2t, Tensor? b2, bool relu_out, "
         "bool abs_pool, float clamp_max, float cut, int topk, int round_to) -> Tensor");
   m.def("scale_pool_(Tensor(a!) y, Tensor index, Tensor mask) -> Tensor");
+  m.def("scale_pool_gate(Tensor(a!) y, Tensor index, Tensor mask, int keep, Tensor w1t, Tensor? b1, Tensor? w2t, "
+        "Tensor? b2, bool relu_out, bool abs_pool, float clamp_max, float cut, int topk, int round_to) "
+        "-> (Tensor, Tensor)");
   m.def("add_channels_(Tensor(a!) out, Tensor index, Tensor z, Tensor mask, bool relu) -> Tensor(a!)");
   m.def("gather_slice(Tensor weight, Tensor? rows, Tensor? cols) -> Tensor");
 }
@@ -470,6 +514,7 @@ TORCH_LIBRARY_IMPL(manidp, CPU, m) {
   m.impl("gate_scale_", &gate_scale_);
   m.impl("gate_mask", &gate_mask);
   m.impl("scale_pool_", &scale_pool_);
+  m.impl("scale_pool_gate", &scale_pool_gate);
   m.impl("add_channels_", &add_channels_);
   m.impl("gather_slice", &gather_slice);
 }

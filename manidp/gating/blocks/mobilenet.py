@@ -50,7 +50,7 @@ class DeployedInvertedResidual(_Deployed):
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         g1, gd, g3 = self.geo
-        m, k, key, _, pw = self._first_slice("pw", x, self.w1, self.b1, g1)
+        m, k, key, _, pw, _ = self._first_slice("pw", x, self.w1, self.b1, g1)
         y = self.act1(pw(x, False))
         dw = self._slice("dw", (key, y.shape[2:]), lambda pack: _SlicedConv(
             self._gather(self.wd, k), self.bd.index_select(0, k), gd, k.numel(), y.shape, pack))

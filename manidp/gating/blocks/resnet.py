@@ -15,7 +15,7 @@ import torch.nn as nn
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from manidp.errors import UserError
-from manidp.gating.deployed import _Deployed, _plain_conv, _require_identity, _residual_relu, _scale, _scale_pool
+from manidp.gating.deployed import _Deployed, _plain_conv, _require_identity, _residual_relu, _scale
 from manidp.gating.fusion import _fold_bn, fold_batchnorm
 from manidp.gating.gates import GateSpec, register_gated_block
 from manidp.gating.slices import _ConvGeometry
@@ -50,10 +50,9 @@ class DeployedBasicBlock(_Deployed):
         self.geo1, self.geo2 = _ConvGeometry.of(conv1), _ConvGeometry.of(conv2)
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
-        m1, k1, key1, n1, conv1 = self._first_slice("conv1", x, self.w1, self.b1, self.geo1)
+        m1, k1, key1, n1, conv1, recurring = self._first_slice("conv1", x, self.w1, self.b1, self.geo1)
         y = conv1(x, self.relu1)
-        y, pooled = _scale_pool(y if self.relu1 else self.act1(y), m1, k1, self.mid, self.use_kernels)
-        m2 = self._mask_of(1, pooled, pooled=True)
+        y, m2 = self._scaled_mask(y if self.relu1 else self.act1(y), m1, k1, n1, self.mid, recurring)
         k2, key2, _ = self._kept(m2)
         conv2, y = self._reading_slice("conv2", (key1, key2, y.shape[2:]), y, self.w2, self.b2, k2, k1, n1, self.geo2)
         z = conv2(y, False)
@@ -93,10 +92,9 @@ class DeployedBottleneck(_Deployed):
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         g1, g2, g3 = self.geo
-        m1, k1, key1, n1, conv1 = self._first_slice("conv1", x, self.w1, self.b1, g1)
+        m1, k1, key1, n1, conv1, recurring = self._first_slice("conv1", x, self.w1, self.b1, g1)
         y = conv1(x, self.relu1)
-        y, pooled = _scale_pool(y if self.relu1 else self.act1(y), m1, k1, self.c1, self.use_kernels)
-        m2 = self._mask_of(1, pooled, pooled=True)
+        y, m2 = self._scaled_mask(y if self.relu1 else self.act1(y), m1, k1, n1, self.c1, recurring)
         k2, key2, n2 = self._kept(m2)
         conv2, y = self._reading_slice("conv2", (key1, key2, y.shape[2:]), y, self.w2, self.b2, k2, k1, n1, g2)
         y2 = conv2(y, self.relu2)
