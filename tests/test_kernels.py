@@ -232,11 +232,21 @@ def test_scale_pool_gate_equals_scale_pool_then_the_gate(padding):
 
 
 @needs_compiler
+@pytest.mark.parametrize("order", ["ascending", "padded", "shuffled"])
+@pytest.mark.parametrize("channels", [24, 64])
 @pytest.mark.parametrize("relu", [True, False])
-def test_add_channels_equals_scale_index_add_and_relu(relu):
-    from manidp.gating.deployed import _add_channels, _scale
+def test_add_channels_equals_scale_index_add_and_relu(relu, channels, order):
+    """Any channel count and index order; 64 channels take the 16-channel-block path where the CPU has
+    AVX-512 (its ascending head expand-loaded, the rest channel by channel), 24 the per-channel loop."""
+    from manidp.gating.deployed import _add_channels, _scale, padded_kept
 
-    index, mask, z, out = _gathered_case()
+    index, mask, z, out = _gathered_case(channels=channels, kept=channels // 2 - 3)
+    if order == "padded":  # as the deployed form pads a kept set: kept ascending, then skipped ones (mask 0)
+        index, _ = padded_kept(mask[0] != 0, 16)
+        z = torch.randn(1, index.numel(), *z.shape[2:]).contiguous(memory_format=torch.channels_last)
+        assert index.numel() > (mask[0] != 0).sum() and index[:-1].gt(index[1:]).any()
+    elif order == "shuffled":
+        index = index[torch.randperm(index.numel())]
     expected = _add_channels(out.clone(), index, _scale(z.clone(), mask, index))
     if relu:
         expected = expected.relu()
