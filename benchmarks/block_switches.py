@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # as resnet34_latency.py: be
 
 import torch  # noqa: E402
 
-from manidp.gating import deploy_model, deployed_blocks  # noqa: E402
+from manidp.gating import block_inputs, deploy_model, deployed_blocks  # noqa: E402
 from manidp.latency import hardware_profile, paired_ratio, prepare_deployed  # noqa: E402
 
 SWITCHES = ("fused_glue", "use_kernels")
@@ -46,20 +46,6 @@ def _resnet34_latency():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def block_inputs(model: torch.nn.Module, x: torch.Tensor) -> dict:
-    """Each deployed block's input when ``model`` runs ``x`` (cloned: a gathered block overwrites its input)."""
-    seen = {}
-    handles = [block.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0].clone()))
-               for name, block in deployed_blocks(model).items()]
-    try:
-        with torch.inference_mode():
-            model(x.clone())
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
 
 
 def main(argv=None) -> int:
@@ -82,7 +68,8 @@ def main(argv=None) -> int:
     _, gated, _, _, _ = bench.gated_resnet34(args.reduction, size=args.size)
     runnable, prepared = prepare_deployed(deploy_model(gated), plan, "channels_last", "onednn", choose_format=False)
     blocks = deployed_blocks(runnable)
-    inputs = block_inputs(runnable, x)
+    with torch.inference_mode():
+        inputs = {name: seen[0] for name, seen in block_inputs(runnable, [x]).items()}
     totals = {True: 0.0, False: 0.0}
     for name, block in blocks.items():
         if block.path != "gathered":

@@ -247,8 +247,8 @@ class _Deployed(DataDependent):
         (:meth:`_slice`'s ``exact``). An empty set keeps channel 0 (PyTorch
         refuses zero-size convolutions).
         """
-        # numpy, not ATen: half the time of a select, a comparison and a conversion (each a dispatch), and
-        # two gates a block run this on every call, hit or miss
+        # numpy, not ATen: a select, a comparison and a conversion would be a dispatch each, and two gates a
+        # block run this on every call, hit or miss
         if mask.dtype != torch.float32:
             mask = mask.float()
         alive = mask.detach().numpy()[0] != 0
@@ -325,8 +325,7 @@ class _Deployed(DataDependent):
         exact = None
         if 0 < count < cols.numel():
             exact = lambda: sliced(cols[:count], (shape[0], count, *shape[2:]), True)  # noqa: E731
-        read = cols if shape[1] == cols.numel() else cols[:shape[1]]  # y compacted already: its channels
-        conv = self._slice(name, keys, lambda pack: sliced(read, shape, pack), exact)
+        conv = self._slice(name, keys, lambda pack: sliced(cols[:shape[1]], shape, pack), exact)  # y's channels
         return conv, _leading_channels(y, conv.input_shape[1])
 
     def _first_slice(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -20,7 +20,7 @@ from manidp.errors import UserError
 from manidp.gating.deployed import _Deployed, deployed_blocks
 from manidp.gating.fusion import trace_and_freeze
 
-__all__ = ["plan_deployment", "compile_deployed", "time_call"]
+__all__ = ["plan_deployment", "compile_deployed", "time_call", "block_inputs"]
 
 
 def _clock() -> Callable[[], float]:
@@ -51,6 +51,21 @@ def time_call(func: Callable, inputs: Sequence[torch.Tensor], repeats: int,
         if r:
             times.append(total * 1000 / len(inputs))
     return min(times)
+
+
+def block_inputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Each deployed block's inputs, by block name, when ``model`` runs each of ``inputs`` (every input and
+    every recorded tensor cloned: a gathered block overwrites its input)."""
+    seen: dict[str, list] = {name: [] for name in deployed_blocks(model)}
+    handles = [block.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].clone()))
+               for name, block in deployed_blocks(model).items()]
+    try:
+        for x in inputs:
+            model(x.clone())
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
 
 
 def _leave_one_out(block: "_Deployed", inputs: Sequence[torch.Tensor]) -> Callable[[int], None]:
@@ -102,29 +117,21 @@ def plan_deployment(model: nn.Module, inputs: Sequence[torch.Tensor], repeats: i
         raise UserError("plan_deployment needs a deployed model (deploy_model first)")
     if not inputs:
         raise UserError("plan_deployment needs at least one input")
-    seen: dict[str, list] = {name: [] for name in blocks}
-    handles = [block.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].clone()))
-               for name, block in blocks.items()]
-    try:
-        for block in blocks.values():
-            block.path = "dense"
-        for x in inputs:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    for block in blocks.values():
+        block.path = "dense"
+    seen = block_inputs(model, inputs)
     plan = {}
     for name, block in blocks.items():
-        block_inputs = seen[name]
-        kept = _kept_counts(block, block_inputs)
-        if not (block_inputs[0].is_cpu and block_inputs[0].shape[0] == 1):
+        received = seen[name]
+        kept = _kept_counts(block, received)
+        if not (received[0].is_cpu and received[0].shape[0] == 1):
             block.path = "dense"
             plan[name] = {"path": "dense", "gathered_ms": None, "dense_ms": None, "kept": kept}
             continue
-        dense = trace_and_freeze(_DensePath(block), block_inputs[0]) if freeze_dense else block.dense
-        before = _leave_one_out(block, block_inputs)
-        gathered_ms = time_call(block.gathered, block_inputs, repeats, before)
-        dense_ms = time_call(dense, block_inputs, repeats)
+        dense = trace_and_freeze(_DensePath(block), received[0]) if freeze_dense else block.dense
+        before = _leave_one_out(block, received)
+        gathered_ms = time_call(block.gathered, received, repeats, before)
+        dense_ms = time_call(dense, received, repeats)
         block.path = "gathered" if gathered_ms < dense_ms else "dense"
         plan[name] = {"path": block.path, "gathered_ms": gathered_ms, "dense_ms": dense_ms, "kept": kept}
     return plan
@@ -168,17 +175,10 @@ def compile_deployed(model: nn.Module, example: torch.Tensor) -> nn.Module:
     gathered = example.is_cpu and example.shape[0] == 1 and any(b.path == "gathered" for b in blocks.values())
     if not gathered:
         return trace_and_freeze(model, example)
-    inputs: dict[str, torch.Tensor] = {}
-    handles = [block.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0].clone()))
-               for name, block in blocks.items()]
-    try:
-        model(example.clone())
-    finally:
-        for h in handles:
-            h.remove()
+    inputs = block_inputs(model, [example])
     for name, block in blocks.items():
         if block.path == "dense":
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, trace_and_freeze(_DensePath(block), inputs[name]))
+            setattr(parent, child, trace_and_freeze(_DensePath(block), inputs[name][0]))
     return model
