@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from manidp.errors import UserError
 from manidp.gating import (ChannelGate, SliceCache, cast_deployed, compile_deployed, deploy_model, deployed_blocks,
-                           fold_batchnorm, gated_layers, insert_gates, kept_channels, plan_deployment, slice_cache)
+                           fold_batchnorm, fuse_onednn, gated_layers, insert_gates, kept_channels, plan_deployment,
+                           slice_cache)
 from manidp.macs import InstanceMacs
 from manidp.models import build_backbone
 
@@ -342,6 +343,29 @@ def test_cast_to_bf16_keeps_gates_and_thresholds_in_fp32():
     with torch.no_grad():
         out = deployed(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and _rel_error(out.float(), masked) < 0.1
+
+
+@pytest.mark.parametrize("path", ["gathered", "dense"])
+def test_bf16_runs_through_aten_on_a_cpu_without_onednn_bf16(monkeypatch, path):
+    # An AVX2 CPU has no oneDNN bf16 convolution (torch refuses the call); the deployed form must still run,
+    # unpacked, and the prepacked dense reference must say why it is left out. Simulated here on any CPU.
+    from manidp.gating import slices
+    monkeypatch.setattr(slices, "_BF16", False)
+    _, x, masked, deployed = _masked_and_deployed("cifar_resnet20")
+    cast_deployed(deployed, dtype=torch.bfloat16)
+    for block in deployed_blocks(deployed).values():
+        block.path = path
+    with torch.no_grad():
+        for _ in range(2):  # a miss, then hits (which pack where packing is possible)
+            out = torch.cat([deployed(x[i:i + 1].to(torch.bfloat16)) for i in range(len(x))])
+    assert out.dtype == torch.bfloat16 and _rel_error(out.float(), masked) < 0.1
+    entries = [v for v, _ in slice_cache(deployed).snapshot()[0].values() if hasattr(v, "packed")]
+    full = [c for block in deployed_blocks(deployed).values() for c in block.full.values() if hasattr(c, "packed")]
+    assert bool(entries) == (path == "gathered") and not any(c.packed for c in entries + full)
+    assert slices.packs(torch.zeros(1)) == slices._PACKED and not slices.packs(torch.zeros(1, dtype=torch.bfloat16))
+    with pytest.raises(UserError, match="AVX-512"):
+        fuse_onednn(fold_batchnorm(build_backbone("cifar_resnet20", 10, 3).eval()),
+                    torch.zeros(1, 3, 32, 32, dtype=torch.bfloat16))
 
 
 def test_fold_batchnorm_keeps_a_dense_model_s_outputs():

@@ -35,8 +35,8 @@ from manidp import kernels
 from manidp.errors import UserError
 from manidp.gating.fusion import DataDependent, fold_batchnorm, fuse_onednn
 from manidp.gating.gates import ChannelGate, GateKernel, _entry, copy_model, round_kept
-from manidp.gating.slices import (_PACKED, DEFAULT_SLICE_CACHE_MB, SliceCache, _ConvGeometry, _PackedConvs,
-                                  _SlicedConv, _simd_block)
+from manidp.gating.slices import (DEFAULT_SLICE_CACHE_MB, SliceCache, _ConvGeometry, _PackedConvs,
+                                  _SlicedConv, _simd_block, packs)
 
 __all__ = ["deploy_model", "deployed_blocks", "slice_cache", "set_slice_cache_limit", "cast_deployed", "padded_kept"]
 
@@ -354,7 +354,7 @@ class _Deployed(DataDependent):
         keep = index.numel()
         # only where conv2's recurring slice is packed on the kept channels (a packable slice, packed on reuse):
         # a slice left plain keeps its padded input channels
-        if (recurring and _PACKED and y.is_cpu and y.dtype in (torch.float32, torch.bfloat16)
+        if (recurring and packs(y)
                 and getattr(self, "exact_inputs", True) and getattr(self, "pack_on_reuse", True) and 0 < count < keep):
             keep = count
         kernel = self.kernels[1]
@@ -369,7 +369,7 @@ class _Deployed(DataDependent):
         """A full-width convolution of the dense path (then ReLU), prepacked and fused as the gathered slices
         are on eager CPU calls (the dense reference gets the same, :func:`fuse_onednn`), else ``F.conv2d``
         (inside a trace, on other devices)."""
-        if _PACKED and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) and not torch.jit.is_tracing():
+        if packs(x) and not torch.jit.is_tracing():
             key = (name, tuple(x.shape), x.dtype)
             conv = self.full.get(key)
             if conv is None:
@@ -383,7 +383,7 @@ class _Deployed(DataDependent):
         downsample = getattr(self, "downsample", None)
         if downsample is None:
             return x
-        if _PACKED and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) and not torch.jit.is_tracing():
+        if packs(x) and not torch.jit.is_tracing():
             key = ("downsample", tuple(x.shape), x.dtype)
             if key not in self.full:
                 try:

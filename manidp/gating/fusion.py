@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from manidp.errors import UserError
-from manidp.gating.slices import _PACKED, _ConvGeometry, _SlicedConv
+from manidp.gating.slices import _ConvGeometry, _SlicedConv, packs
 
 __all__ = ["DataDependent", "fold_batchnorm", "fuse_onednn", "trace_and_freeze"]
 
@@ -127,8 +127,9 @@ def fuse_onednn(model: nn.Module, example: torch.Tensor) -> nn.Module:
     cannot hold oneDNN's blocked weights); a model fx cannot trace, or oneDNN
     missing, raises ``UserError``.
     """
-    if not (_PACKED and example.is_cpu and example.dtype in (torch.float32, torch.bfloat16)):
-        raise UserError("prepacked oneDNN convolutions need a CPU build of torch with oneDNN and fp32/bf16 inputs")
+    if not packs(example):
+        raise UserError("prepacked oneDNN convolutions need a CPU build of torch with oneDNN and fp32 inputs "
+                        "(bf16 only on a CPU with bf16 instructions: AVX-512 BW/VL/DQ or AVX-NE-CONVERT)")
     try:
         gm = torch.fx.GraphModule(model, _LeafTracer().trace(model))
     except Exception as err:  # noqa: BLE001 - fx raises many types

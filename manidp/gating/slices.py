@@ -29,6 +29,19 @@ _ONEDNN = torch.backends.mkldnn.is_available()
 # can cost as much as the convolution).
 _PACKED = _ONEDNN and hasattr(torch.ops.mkldnn, "_convolution_pointwise") \
     and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
+# oneDNN runs a bf16 convolution only where the CPU has bf16 conversions (AVX-512 BW/VL/DQ or
+# AVX-NE-CONVERT); elsewhere (an AVX2 laptop) torch refuses the call, and ATen's own convolution runs it.
+_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _onednn_takes(x: torch.Tensor) -> bool:
+    """Whether oneDNN's CPU convolution runs on ``x`` here: a CPU tensor of fp32, or of bf16 on a CPU with bf16."""
+    return _ONEDNN and x.is_cpu and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _BF16))
+
+
+def packs(x: torch.Tensor) -> bool:
+    """Whether a convolution on (or of) ``x`` can be prepacked and fused through oneDNN on this machine."""
+    return _PACKED and _onednn_takes(x)
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation,
@@ -40,7 +53,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], s
     channels) lands there and runs much slower than through oneDNN, which
     the dense model (512 x 7 x 7 = 25088 elements) gets.
     """
-    if x.is_cpu and _ONEDNN and x.dtype in (torch.float32, torch.bfloat16):
+    if _onednn_takes(x):
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
@@ -70,7 +83,7 @@ class _SlicedConv:
                  input_shape: Sequence[int], pack: bool = True):
         self.geometry, self.groups, self.input_shape = geometry, groups, tuple(input_shape)
         self.nbytes = weight.numel() * weight.element_size() + bias.numel() * bias.element_size()
-        self.packable = _PACKED and weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16)
+        self.packable = packs(weight)
         self.packed = pack and self.packable
         if self.packed:
             g = geometry
