@@ -94,6 +94,35 @@ def test_latency_subcommand_writes_its_report(gated_run, dense_run, tmp_path, ca
     assert json.loads(capsys.readouterr().out)["status"] == "ok"
 
 
+def test_a_shared_dense_reference_is_kept_per_thread_count(gated_run, dense_run, monkeypatch):
+    # A reference packed at one thread count and reused at another would run oneDNN's per-call weight
+    # reorder (AVX2) and flatter the speed-up; each count gets its own, and a count seen before reuses it.
+    import manidp.latency.report as report_module
+
+    built, timed = [], []
+
+    def reference(dense, batches, inductor=True):
+        built.append(torch.get_num_threads())
+        return "packed at", torch.get_num_threads()
+
+    def side_by_side(dense, deployed, batches, reference, *args, dense_reference, **kwargs):
+        timed.append((torch.get_num_threads(), dense_reference))
+        return {}
+
+    monkeypatch.setattr(report_module, "optimized_dense", reference)
+    monkeypatch.setattr(report_module, "time_side_by_side", side_by_side)
+    cache: dict = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            report_module.latency_report(gated_run, threads=threads, instances=2, dense_run=dense_run,
+                                         dense_cache=cache, plan_instances=1)
+    finally:
+        torch.set_num_threads(before)
+    assert built == [1, 2]  # the third call, at 1 thread again, reused the first one's
+    assert timed == [(threads, ("packed at", threads)) for threads in (1, 2, 1)]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_missing_device_is_reported_not_invented(gated_run, tmp_path):
     out = tmp_path / "cuda.json"

@@ -225,8 +225,10 @@ def latency_report(run_dir: str | Path, device: str = "cpu", threads: Optional[i
         kept_sets = distinct_kept_sets(model)
     batches = [images[i:i + batch_size].to(DTYPES[dtype]) for i in range(0, count, batch_size)]
     plan_batches = [planning[i:i + batch_size].to(DTYPES[dtype]) for i in range(0, len(planning), batch_size)]
+    # The thread count too: oneDNN lays out a prepacked weight for the threads it is packed at (AVX2's
+    # brgemm convolutions do), and a weight packed for another count is reordered again on every call.
     key = (str(Path(dense_run).resolve()), device, dtype, batch_size, count, cfg["dataset"],
-           json.dumps(cfg["data"], sort_keys=True, default=str)) if dense_run else None
+           json.dumps(cfg["data"], sort_keys=True, default=str), torch.get_num_threads()) if dense_run else None
     cached = dense_cache.get(key) if dense_cache is not None and key else None
     if cached:
         dense, dense_reference = cached
