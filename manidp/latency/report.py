@@ -86,6 +86,11 @@ def hardware_profile(device: str, threads: int, dtype: str, batch_size: int = 1)
                # Idle OpenMP threads spin or sleep between operators: a batch-1 CPU latency depends on it
                # (benchmarks/README). None: the runtime's own default.
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "").lower() or None}
+    if device == "cpu" and dtype == "bf16":
+        # Without bf16 instructions (an AVX2 CPU) oneDNN refuses bf16 and both sides run ATen's emulated
+        # bf16 convolutions: a ratio that says little about a deployment on a CPU that has them.
+        profile["onednn_bf16"] = bool(torch.backends.mkldnn.is_available()
+                                      and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if device == "cuda":
         profile["gpu"] = torch.cuda.get_device_name()
         profile["cuda"] = torch.version.cuda
