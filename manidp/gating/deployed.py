@@ -502,6 +502,11 @@ def deploy_model(model: nn.Module, slice_cache_mb: float = DEFAULT_SLICE_CACHE_M
     only; outputs equal the masked model's. Every block starts on the gathered
     path for batch-1 CPU calls; :func:`plan_deployment` measures the faster
     path per block and :func:`compile_deployed` freezes what is static.
+
+    Deploy (and plan) at the thread count it will run at: the slices and the
+    full-width convolutions are packed on first use for the threads of that
+    moment, and oneDNN's AVX2 convolutions reorder a weight packed for another
+    count on every call. After ``torch.set_num_threads``, deploy again.
     """
     deployed = copy_model(model).eval()
     replace = [(name, module, _entry(module)) for name, module in deployed.named_modules()]
