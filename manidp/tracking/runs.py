@@ -222,7 +222,12 @@ class RunTracker:
                               pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                               validate_serving_input=False)
                 try:
-                    mlflow.pytorch.log_model(cpu_model, serialization_format="pt2", **kwargs)
+                    with warnings.catch_warnings():
+                        # Gates keep each call's masks and saliencies on the module for the MAC counter and
+                        # the losses; the exported graph computes them from its input and never reads them
+                        # back, so torch.export's advice to make them buffers is no news in every job's log.
+                        warnings.filterwarnings("ignore", message=r"The tensor attributes? .* assigned during export")
+                        mlflow.pytorch.log_model(cpu_model, serialization_format="pt2", **kwargs)
                     how = "pt2 (torch.export)"
                 except Exception as err:  # data-dependent gates (top-k of a per-instance count) do not export
                     kwargs.pop("validate_serving_input")  # the pickle writer passes it on to torch.save
