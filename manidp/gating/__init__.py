@@ -18,7 +18,7 @@ Every public name is importable from ``manidp.gating`` itself.
 """
 from manidp.gating.gates import (BLOCKS, ChannelGate, GateFactory, GateKernel, GateSpec, copy_model, gated_layers,
                                  insert_gates, kept_channels, register_gated_block, round_kept)
-from manidp.gating.slices import DEFAULT_SLICE_CACHE_MB, SliceCache
+from manidp.gating.slices import DEFAULT_SLICE_CACHE_MB, SliceCache, onednn_bf16
 from manidp.gating.fusion import fold_batchnorm, fuse_onednn, trace_and_freeze
 from manidp.gating.deployed import cast_deployed, deploy_model, deployed_blocks, set_slice_cache_limit, slice_cache
 from manidp.gating.plan import block_inputs, compile_deployed, plan_deployment
@@ -29,6 +29,6 @@ __all__ = [
     "GateFactory", "GateSpec", "ChannelGate", "GateKernel", "BLOCKS", "register_gated_block", "insert_gates",
     "gated_layers", "kept_channels", "round_kept", "copy_model", "deploy_model", "plan_deployment", "block_inputs",
     "compile_deployed", "fold_batchnorm", "fuse_onednn", "trace_and_freeze", "deployed_blocks", "slice_cache",
-    "set_slice_cache_limit", "cast_deployed", "SliceCache", "DEFAULT_SLICE_CACHE_MB", "DeployedBasicBlock",
-    "DeployedBottleneck", "DeployedInvertedResidual",
+    "set_slice_cache_limit", "cast_deployed", "SliceCache", "DEFAULT_SLICE_CACHE_MB", "onednn_bf16",
+    "DeployedBasicBlock", "DeployedBottleneck", "DeployedInvertedResidual",
 ]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from manidp._defaults import DEFAULT_SLICE_CACHE_MB
 from manidp.errors import UserError
 
-__all__ = ["SliceCache", "DEFAULT_SLICE_CACHE_MB"]
+__all__ = ["SliceCache", "DEFAULT_SLICE_CACHE_MB", "onednn_bf16"]
 
 
 _ONEDNN = torch.backends.mkldnn.is_available()
@@ -32,6 +32,11 @@ _PACKED = _ONEDNN and hasattr(torch.ops.mkldnn, "_convolution_pointwise") \
 # oneDNN runs a bf16 convolution only where the CPU has bf16 conversions (AVX-512 BW/VL/DQ or
 # AVX-NE-CONVERT); elsewhere (an AVX2 laptop) torch refuses the call, and ATen's own convolution runs it.
 _BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions on this CPU (what the deployed form and the reference use)."""
+    return _BF16
 
 
 def _onednn_takes(x: torch.Tensor) -> bool:

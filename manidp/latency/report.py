@@ -21,7 +21,7 @@ import torch.nn as nn
 from manidp import kernels
 from manidp._defaults import DTYPE_NAMES
 from manidp.errors import UserError
-from manidp.gating import (DEFAULT_SLICE_CACHE_MB, cast_deployed, deployed_blocks, gated_layers,
+from manidp.gating import (DEFAULT_SLICE_CACHE_MB, cast_deployed, deployed_blocks, gated_layers, onednn_bf16,
                            set_slice_cache_limit)
 from manidp.latency.measure import measure_latency, paired_ratio, spread
 from manidp.latency.plan import optimized_like_dense, prepare_deployed
@@ -89,8 +89,7 @@ def hardware_profile(device: str, threads: int, dtype: str, batch_size: int = 1)
     if device == "cpu" and dtype == "bf16":
         # Without bf16 instructions (an AVX2 CPU) oneDNN refuses bf16 and both sides run ATen's emulated
         # bf16 convolutions: a ratio that says little about a deployment on a CPU that has them.
-        profile["onednn_bf16"] = bool(torch.backends.mkldnn.is_available()
-                                      and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        profile["onednn_bf16"] = onednn_bf16()
     if device == "cuda":
         profile["gpu"] = torch.cuda.get_device_name()
         profile["cuda"] = torch.version.cuda
