@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from manidp import kernels
+from manidp.gating import deployed_blocks
 from test_manidp import trained_manidp_run
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -137,6 +138,29 @@ def test_digits_c_gates_compares_the_gate_forms(tmp_path_factory, data_cache, de
     assert result["aten_forms_identical"] is True  # ManiDP's two ATen gate forms, bit for bit
     assert result["compiled_rel_error"] <= 1e-5
     assert result["gate_kernel"].startswith("compiled")
+
+
+@pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler on this machine (the script needs the ops)")
+def test_digits_c_gates_identity_check_ignores_the_forms_timed_plans(tmp_path_factory, data_cache, dense_run,
+                                                                     restore_threads):
+    """Each timed form is planned by timing, so on a loaded machine two forms can pick different block paths
+    or memory formats; the bit-for-bit check of the two ATen gate forms must not read that as a difference."""
+    run = trained_manidp_run(tmp_path_factory, data_cache, dense_run)
+    script = _script("digits_c_gates")
+    real_prepare = script.prepare_deployed
+    calls = []
+
+    def diverging_plans(deployed, inputs, memory_format, mode):  # what load can do: a plan per form
+        calls.append(memory_format)
+        other = "contiguous" if len(calls) % 2 else "channels_last"
+        prepared = real_prepare(deployed, inputs, other, mode, choose_format=False)
+        for block in deployed_blocks(prepared[0]).values():
+            block.path = "dense" if len(calls) % 2 else "gathered"
+        return prepared
+
+    script.prepare_deployed = diverging_plans
+    result = script.compare(run, instances=2, repeats=1, dense_dir=dense_run, inductor=False)
+    assert len(calls) == 3 and result["aten_forms_identical"] is True
 
 
 def test_digits_c_gates_adds_the_inductor_form_with_cold_and_warm_compile_times(tmp_path_factory, data_cache,
