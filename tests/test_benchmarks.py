@@ -38,7 +38,7 @@ def test_resnet34_latency_reports_a_deployed_form_equal_to_the_masked_model(caps
     planning and warm-up on other instances than the timed ones, and the dense cross-check row."""
     script = _script("resnet34_latency")
     assert script.main(["--threads", "1", "--repeats", "1", "--warmup", "0", "--instances", "2",
-                        "--no-inductor", "--size", "112"]) == 0  # the fields, not the speed: a small input
+                        "--no-inductor", "--size", "64"]) == 0  # the fields, not the speed: a small input
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     check, static, per_instance = rows
     assert check["benchmark"] == "resnet34_dense_crosscheck" and check["reference_over_independent"] > 0
@@ -70,7 +70,7 @@ def test_resnet34_latency_repeats_the_measurement_in_fresh_processes(capsys):
     assert script._without_processes(["--processes", "3", "--threads", "1", "--processes=2"]) == ["--threads", "1"]
     assert script.main(["--processes", "2", "--patterns", "static", "--threads", "1", "--repeats", "6",
                         "--warmup", "0", "--instances", "1", "--plan-instances", "1", "--no-inductor",
-                        "--size", "112"]) == 0
+                        "--size", "64"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     measured = [r for r in rows if r["benchmark"] == "resnet34_latency"]
     assert [r["process"] for r in measured] == [0, 1]
