@@ -22,9 +22,8 @@ timed in one process, interleaved, on the first ``--instances`` test images:
   process's own) and warm (the same model compiled again after
   ``torch._dynamo.reset()``, what a second latency job on the machine pays).
 
-The ATen forms must agree bit for bit (checked on each block path, both forms
-unplanned); the compiled one to fp32
-rounding (its relative error is printed). Output: one JSON object per run
+The ATen forms must agree bit for bit (checked unplanned, on each block path);
+the compiled one to fp32 rounding (its relative error is printed). Output: one JSON object per run
 with medians (ms) and the speed against the optimized dense reference.
 
     python benchmarks/digits_c_gates.py runs/digits-c/cifar_resnet20/manidp-b0.55/seed0 --threads 2
@@ -77,10 +76,10 @@ def _aten_forms_identical(method, model, inputs) -> bool:
     choose different paths or memory formats for a block, and then differ by
     rounding for that reason alone.
     """
+    forms = [_deploy_form(method, model, form) for form in ("training_gate", "aten_gate")]
     for path in ("dense", "gathered"):
         outputs = []
-        for form in ("training_gate", "aten_gate"):
-            deployed = _deploy_form(method, model, form)
+        for deployed in forms:
             for block in deployed_blocks(deployed).values():
                 block.path = path
             with torch.inference_mode():
