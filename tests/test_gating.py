@@ -255,6 +255,42 @@ def test_plan_is_recorded_and_the_compiled_form_equals_the_masked_model():
         assert _rel_error(whole(x.clone()), masked) <= 1e-4
 
 
+
+def test_a_new_thread_count_repacks_what_was_packed_at_the_old_one():
+    """oneDNN's AVX2 convolutions reorder a weight packed at another thread count on every call, so after
+    ``torch.set_num_threads`` the deployed form must not reuse a slice or full-width convolution packed
+    before: it drops them and packs again, and keeps them while the count stays."""
+    _, x, masked, deployed = _masked_and_deployed("resnet18")
+    blocks = list(deployed_blocks(deployed).values())
+    for block in blocks[::2]:  # the dense path's full-width convolutions too
+        block.path = "dense"
+    cache = slice_cache(deployed)
+
+    def packed_objects() -> list:  # held, so no id is reused by a later object
+        return ([v for v, _ in cache.snapshot()[0].values() if hasattr(v, "packed")]
+                + [c for block in blocks for c in block.full.values()])
+
+    threads = torch.get_num_threads()
+    try:
+        outputs = {}
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                for _ in range(2):  # a miss, then a hit that packs
+                    outputs[count] = deployed(x[:1].clone())
+            if count == 1:
+                at_one = packed_objects()
+        at_two = packed_objects()
+        assert at_one and at_two and not {id(o) for o in at_one} & {id(o) for o in at_two}
+        assert cache.threads == 2 and all(block.full.threads == 2 for block in blocks)
+        with torch.no_grad():
+            deployed(x[:1].clone())
+        assert [id(o) for o in packed_objects()] == [id(o) for o in at_two]  # same count: nothing repacked
+    finally:
+        torch.set_num_threads(threads)
+    for out in outputs.values():
+        assert _rel_error(out, masked[:1]) <= 1e-4
+
 def test_slice_cache_hits_repeated_sets_and_stays_under_its_cap():
     _, x, masked, deployed = _masked_and_deployed("resnet18")
     cache = slice_cache(deployed)

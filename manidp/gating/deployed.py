@@ -227,6 +227,10 @@ class _Deployed(DataDependent):
         return self.fused[i](x if pooled else _pooled(x, self.pools_abs[i]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        threads = torch.get_num_threads()  # what is packed follows the thread count (SliceCache.at_threads)
+        if threads != self.cache.threads or threads != self.full.threads:
+            self.cache.at_threads(threads)
+            self.full.at_threads(threads)
         if self.path == "gathered" and x.shape[0] == 1 and x.is_cpu:
             return self.gathered(x)
         return self.dense(x)
@@ -503,10 +507,11 @@ def deploy_model(model: nn.Module, slice_cache_mb: float = DEFAULT_SLICE_CACHE_M
     path for batch-1 CPU calls; :func:`plan_deployment` measures the faster
     path per block and :func:`compile_deployed` freezes what is static.
 
-    Deploy (and plan) at the thread count it will run at: the slices and the
-    full-width convolutions are packed on first use for the threads of that
-    moment, and oneDNN's AVX2 convolutions reorder a weight packed for another
-    count on every call. After ``torch.set_num_threads``, deploy again.
+    The slices and the full-width convolutions are packed on first use for
+    the thread count of that moment (oneDNN's AVX2 convolutions reorder a
+    weight packed for another count on every call); a call at another count
+    drops them and packs again (:meth:`SliceCache.at_threads`). The plan
+    (:func:`plan_deployment`) was timed at one count: plan again at another.
     """
     deployed = copy_model(model).eval()
     replace = [(name, module, _entry(module)) for name, module in deployed.named_modules()]

@@ -142,6 +142,22 @@ class SliceCache:
         self._entries: OrderedDict = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
+        #: The torch thread count the cached slices were packed at (:meth:`at_threads`); None: not yet used.
+        self.threads: Optional[int] = None
+
+    def at_threads(self, threads: int) -> None:
+        """Empty the cache when the thread count is not the one its slices were packed at.
+
+        oneDNN's AVX2 convolutions lay a prepacked weight out for the thread
+        count it is packed at and reorder one packed at another count on every
+        call (benchmarks/README, "A second CPU: AVX2 only"): after
+        ``torch.set_num_threads`` a kept slice would cost a reorder per call,
+        more than the miss that repacks it once. The hit and miss counts go on.
+        """
+        if threads != self.threads:
+            if self.threads is not None:
+                self.clear()
+            self.threads = threads
 
     def get(self, key, build: Callable[[], tuple[object, int]]):
         """The entry for ``key``; on a miss ``build() -> (value, nbytes)`` makes it (and it is kept if it fits)."""
@@ -172,14 +188,15 @@ class SliceCache:
         self.bytes = 0
 
     def snapshot(self) -> tuple:
-        """The entries as they are now (references to the slices, no copies), for :meth:`restore`."""
-        return OrderedDict(self._entries), self.bytes
+        """The entries as they are now (references to the slices, no copies) and the thread count they were
+        packed at, for :meth:`restore`."""
+        return OrderedDict(self._entries), self.bytes, self.threads
 
     def restore(self, state: tuple) -> None:
         """Back to a :meth:`snapshot`: what was cached since is dropped. A timer restores the cache before
         every pass over the same instances, so no pass finds slices that an earlier pass of those
         instances left: each sees the cache its first pass saw."""
-        entries, self.bytes = state
+        entries, self.bytes, self.threads = state
         self._entries = OrderedDict(entries)
 
     def reset_counts(self) -> None:
@@ -199,8 +216,17 @@ class SliceCache:
 
 
 class _PackedConvs(dict):
-    """A block's full-width prepacked convolutions, by (name, input shape, dtype); oneDNN's blocked weights
-    cannot be copied, so a copy starts empty and refills on use."""
+    """A block's full-width prepacked convolutions, by (name, input shape, dtype), packed at one thread
+    count (:meth:`at_threads`, as :meth:`SliceCache.at_threads`); oneDNN's blocked weights cannot be
+    copied, so a copy starts empty and refills on use."""
+
+    threads: Optional[int] = None
+
+    def at_threads(self, threads: int) -> None:
+        """Empty, if packed at another thread count than ``threads``."""
+        if threads != self.threads:
+            self.clear()
+            self.threads = threads
 
     def __deepcopy__(self, memo) -> "_PackedConvs":
         return _PackedConvs()
