@@ -83,6 +83,23 @@ def test_resnet34_latency_repeats_the_measurement_in_fresh_processes(capsys):
     assert summary["min"] == min(values) <= summary["median"] <= summary["max"] == max(values)
 
 
+
+def test_thread_switch_times_the_repacked_the_stale_and_a_fresh_deployed_form(capsys, restore_threads):
+    """One line per path and switch; the script itself checks that the stale copy runs the old count's packs
+    and the switched copy new ones (it exits otherwise)."""
+    script = _script("thread_switch")
+    assert script.main(["--size", "32", "--repeats", "1", "--warmup", "0", "--instances", "1",
+                        "--switches", "1:2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["path"], r["threads_before"], r["threads_after"]) for r in rows] == [("gathered", 1, 2),
+                                                                                      ("dense", 1, 2)]
+    for row in rows:
+        assert set(row["ms"]) == {"fresh", "switched", "stale"} and row["over_fresh"]["fresh"] == 1.0
+        assert row["profile"]["threads"] == 2
+    with pytest.raises(SystemExit):
+        script.main(["--switches", "1-2"])
+    assert "BEFORE:AFTER" in capsys.readouterr().err
+
 def test_miss_path_times_every_way_of_paying_a_miss_on_the_same_output(capsys, restore_threads):
     """Each row computes the hit's output (the script checks it before timing), one JSON line per stage."""
     assert _script("miss_path").main(["--repeats", "1", "--keep", "0.5"]) == 0
