@@ -250,9 +250,7 @@ def mlflow_server(mlflow_server_process) -> str:
 
 
 def test_real_mlflow_server_receives_a_run(tmp_path, data_cache, mlflow_server):
-    cfg = small_run_config(tmp_path / "run", data_cache, **{"train.epochs": 1, "tracking.enabled": True,
-                                                             "tracking.uri": mlflow_server})
-    train(cfg)
+    train(_tracked(tmp_path / "run", data_cache, mlflow_server))  # what reaches the server, not what it learns
     (run,) = _runs(mlflow_server, "digits-c")
     assert run.data.params["dataset"] == "digits-c"
     assert run.data.metrics["test_top1"] == pytest.approx(
