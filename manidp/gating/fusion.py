@@ -125,7 +125,11 @@ def fuse_onednn(model: nn.Module, example: torch.Tensor) -> nn.Module:
     two measures channel skipping alone. Deployed blocks are left whole (they
     pack their own). The result is an eager ``torch.fx.GraphModule`` (TorchScript
     cannot hold oneDNN's blocked weights); a model fx cannot trace, or oneDNN
-    missing, raises ``UserError``.
+    missing, raises ``UserError``. Its weights are packed for this moment's
+    thread count once and for good (unlike a deployed block's, which repack):
+    after ``torch.set_num_threads``, fuse again, or AVX2's oneDNN reorders
+    some of them on every call (``manidp latency`` keys its reference by
+    thread count).
     """
     if not packs(example):
         raise UserError("prepacked oneDNN convolutions need a CPU build of torch with oneDNN and fp32 inputs "
