@@ -148,11 +148,13 @@ class SliceCache:
     def at_threads(self, threads: int) -> None:
         """Empty the cache when the thread count is not the one its slices were packed at.
 
-        oneDNN's AVX2 convolutions lay a prepacked weight out for the thread
-        count it is packed at and reorder one packed at another count on every
-        call (benchmarks/README, "A second CPU: AVX2 only"): after
-        ``torch.set_num_threads`` a kept slice would cost a reorder per call,
-        more than the miss that repacks it once. The hit and miss counts go on.
+        oneDNN's AVX2 convolutions lay some prepacked weights out for the
+        thread count they are packed at and reorder them on every call at
+        another (benchmarks/README, "A second CPU: AVX2 only"; the full-width
+        convolutions ran 1.4x slower on the old count's packs,
+        ``benchmarks/thread_switch.py``). The slices showed no such cost at
+        resnet34's shapes; they are dropped too, since a repack costs one miss
+        per slice, once. The hit and miss counts go on.
         """
         if threads != self.threads:
             if self.threads is not None:
