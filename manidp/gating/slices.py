@@ -151,7 +151,7 @@ class SliceCache:
         oneDNN's AVX2 convolutions lay some prepacked weights out for the
         thread count they are packed at and reorder them on every call at
         another (benchmarks/README, "A second CPU: AVX2 only"; the full-width
-        convolutions ran 1.4x slower on the old count's packs,
+        convolutions ran much slower on the old count's packs,
         ``benchmarks/thread_switch.py``). The slices showed no such cost at
         resnet34's shapes; they are dropped too, since a repack costs one miss
         per slice, once. The hit and miss counts go on.
