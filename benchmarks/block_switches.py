@@ -23,13 +23,11 @@ Switches (both sides run the same cached slices, so only the switch differs):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # as resnet34_latency.py: before torch loads
 
@@ -39,13 +37,6 @@ from manidp.gating import block_inputs, deploy_model, deployed_blocks  # noqa: E
 from manidp.latency import hardware_profile, paired_ratio, prepare_deployed  # noqa: E402
 
 SWITCHES = ("fused_glue", "use_kernels")
-
-
-def _resnet34_latency():
-    spec = importlib.util.spec_from_file_location("resnet34_latency", Path(__file__).with_name("resnet34_latency.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv=None) -> int:
@@ -62,7 +53,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     # one thread: the thread's CPU time (immune to other jobs); more: wall time (the other threads' work counts)
     clock, clock_name = (time.thread_time, "cpu") if args.threads == 1 else (time.perf_counter, "wall")
-    bench = _resnet34_latency()
+    import resnet34_latency as bench  # the sibling script (python puts benchmarks/ on sys.path)
+
     generator = torch.Generator().manual_seed(1)
     x, *plan = (torch.randn(1, 3, args.size, args.size, generator=generator) for _ in range(3))
     _, gated, _, _, _ = bench.gated_resnet34(args.reduction, size=args.size)

@@ -1,27 +1,26 @@
 """Batch-1 CPU latency of a deployed resnet34 after ``torch.set_num_threads``: repacked, stale, or deployed fresh.
 
-oneDNN's AVX2 convolutions lay a prepacked weight out for the thread count it
-is packed at and reorder one packed at another count on every call. A
+oneDNN's AVX2 convolutions lay some prepacked weights out for the thread
+count they are packed at and reorder them on every call at another count. A
 deployed form therefore drops what it packed when the thread count changes
 and packs again (``SliceCache.at_threads``). This times three copies of the
 static gated resnet34 of ``resnet34_latency.py`` (every block on one path,
-unplanned: the gathered slices, then the dense path's full-width convolutions), each warmed before the switch: **fresh** (deployed and
-warmed at the new count only), **switched** (warmed at the old count, then run
-at the new one: what a user gets), and **stale** (the same, with the repack
+unplanned: the gathered slices, then the dense path's full-width
+convolutions), each warmed before the switch: **fresh** (deployed and warmed
+at the new count only), **switched** (warmed at the old count, then run at
+the new one: what a user gets), and **stale** (the same, with the repack
 suppressed: what the deployed form did before). Interleaved repeats in one
-process, median per-instance ms; one JSON line per switch.
+process, median per-instance ms; one JSON line per path and switch.
 
     python benchmarks/thread_switch.py                 # 1 -> 2 and 2 -> 1 threads
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
 import sys
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # as resnet34_latency.py: idle threads spin (set before torch)
 
@@ -29,13 +28,6 @@ import torch  # noqa: E402
 
 from manidp.gating import deploy_model, deployed_blocks  # noqa: E402
 from manidp.latency import hardware_profile, measure_latency  # noqa: E402
-
-
-def _resnet34_latency():
-    spec = importlib.util.spec_from_file_location("resnet34_latency", Path(__file__).with_name("resnet34_latency.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _warm(model, inputs, threads: int) -> None:
@@ -110,7 +102,8 @@ def main(argv=None) -> int:
         parser.error("--switches takes BEFORE:AFTER thread counts, e.g. 1:2")
     if any(len(s) != 2 or min(s) < 1 for s in switches):
         parser.error("--switches takes BEFORE:AFTER thread counts >= 1, e.g. 1:2")
-    bench = _resnet34_latency()
+    import resnet34_latency as bench  # the sibling script (python puts benchmarks/ on sys.path)
+
     generator = torch.Generator().manual_seed(1)
     inputs = [torch.randn(1, 3, args.size, args.size, generator=generator) for _ in range(args.instances)]
     _, gated, _, _, _ = bench.gated_resnet34(args.reduction, size=args.size)

@@ -17,25 +17,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from manidp.gating import deploy_model, deployed_blocks, fold_batchnorm, fuse_onednn
 from manidp.latency import hardware_profile, prepare_deployed
-
-
-def _resnet34_latency():
-    spec = importlib.util.spec_from_file_location("resnet34_latency", Path(__file__).with_name("resnet34_latency.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv=None) -> int:
@@ -46,7 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    bench = _resnet34_latency()
+    import resnet34_latency as bench  # the sibling script (python puts benchmarks/ on sys.path)
+
     generator = torch.Generator().manual_seed(1)
 
     def draw(n):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _script(name: str):
+    if str(BENCHMARKS) not in sys.path:  # as `python benchmarks/NAME.py` has it: the scripts import each other
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -83,7 +86,6 @@ def test_resnet34_latency_repeats_the_measurement_in_fresh_processes(capsys):
     assert summary["min"] == min(values) <= summary["median"] <= summary["max"] == max(values)
 
 
-
 def test_thread_switch_times_the_repacked_the_stale_and_a_fresh_deployed_form(capsys, restore_threads):
     """One line per path and switch; the script itself checks that the stale copy runs the old count's packs
     and the switched copy new ones (it exits otherwise)."""
@@ -99,6 +101,7 @@ def test_thread_switch_times_the_repacked_the_stale_and_a_fresh_deployed_form(ca
     with pytest.raises(SystemExit):
         script.main(["--switches", "1-2"])
     assert "BEFORE:AFTER" in capsys.readouterr().err
+
 
 def test_miss_path_times_every_way_of_paying_a_miss_on_the_same_output(capsys, restore_threads):
     """Each row computes the hit's output (the script checks it before timing), one JSON line per stage."""

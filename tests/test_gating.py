@@ -255,7 +255,6 @@ def test_plan_is_recorded_and_the_compiled_form_equals_the_masked_model():
         assert _rel_error(whole(x.clone()), masked) <= 1e-4
 
 
-
 def test_a_new_thread_count_repacks_what_was_packed_at_the_old_one():
     """oneDNN's AVX2 convolutions reorder a weight packed at another thread count on every call, so after
     ``torch.set_num_threads`` the deployed form must not reuse a slice or full-width convolution packed
@@ -290,6 +289,7 @@ def test_a_new_thread_count_repacks_what_was_packed_at_the_old_one():
         torch.set_num_threads(threads)
     for out in outputs.values():
         assert _rel_error(out, masked[:1]) <= 1e-4
+
 
 def test_slice_cache_hits_repeated_sets_and_stays_under_its_cap():
     _, x, masked, deployed = _masked_and_deployed("resnet18")

@@ -508,8 +508,8 @@ def deploy_model(model: nn.Module, slice_cache_mb: float = DEFAULT_SLICE_CACHE_M
     path per block and :func:`compile_deployed` freezes what is static.
 
     The slices and the full-width convolutions are packed on first use for
-    the thread count of that moment (oneDNN's AVX2 convolutions reorder a
-    weight packed for another count on every call); a call at another count
+    the thread count of that moment (oneDNN's AVX2 convolutions reorder some
+    weights packed for another count on every call); a call at another count
     drops them and packs again (:meth:`SliceCache.at_threads`). The plan
     (:func:`plan_deployment`) was timed at one count: plan again at another.
     """
