@@ -149,6 +149,19 @@ def test_resnet34_latency_refuses_a_bad_rounding(capsys):
     assert stop.value.code == 2 and "--round-to must be >= 1" in capsys.readouterr().err
 
 
+def test_calibration_times_both_ways_on_a_trained_run_and_checks_they_agree(tmp_path_factory, data_cache,
+                                                                            dense_run, capsys, restore_threads):
+    run = trained_manidp_run(tmp_path_factory, data_cache, dense_run)
+    capsys.readouterr()  # the training's log, when this test trained the run
+    script = _script("calibration")
+    assert script.main(["--run", str(run), "--repeats", "1", "--max-eval", "64"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["identical_calibration"] is True and row["validation_images"] == 64 and row["gates"] == 18
+    assert row["keep_rates_tried"] >= 1 and row["by_block_s"] > 0 and row["per_gate_s"] > 0
+    assert script.main(["--run", str(dense_run)]) == 2
+    assert "is a dense run; this benchmark times ManiDP's calibration" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler on this machine (the script needs the ops)")
 def test_digits_c_gates_compares_the_gate_forms(tmp_path_factory, data_cache, dense_run, restore_threads):
     run = trained_manidp_run(tmp_path_factory, data_cache, dense_run)

@@ -396,6 +396,79 @@ def test_calibration_sets_thresholds_in_forward_order_and_meets_the_budget():
     assert set(final) >= {"val_top1_before_calibration", "val_top1_after_calibration"}
 
 
+def _thresholds(method) -> list[float]:
+    return [float(site.gate.threshold) for site in method.gates]
+
+
+@pytest.mark.parametrize("backbone", ["cifar_resnet20", "resnet50", "mobilenetv2_100"])
+def test_thresholds_set_block_by_block_equal_a_pass_per_gate_bit_for_bit(backbone):
+    """Each gated block run alone on its held inputs gives the saliencies the pass from the images gives:
+    every threshold equal, on every gated block family (a Bottleneck holds two gates)."""
+    if backbone == "cifar_resnet20":
+        method = ManiDP(budget=0.5)
+        model, ctx = _chained_gated_model(method)
+    else:
+        torch.manual_seed(0)
+        method = ManiDP(budget=0.4)
+        model = build_backbone(backbone, 10, 3)
+        size = 16 if backbone == "resnet50" else 32  # mobilenetv2's gates cost more than they save at 16 px
+        ctx = RunContext(config={"train": {"label_smoothing": 0.0, "lr": 0.01}}, device=torch.device("cpu"),
+                         input_size=(3, size, size), num_classes=10, dense_macs=count_macs(model, (3, size, size)),
+                         epochs=1, steps_per_epoch=1, autocast=contextlib.nullcontext)
+        generator = torch.Generator().manual_seed(1)
+        ctx.val_loader = [(torch.randn(n, 3, size, size, generator=generator), None) for n in (4, 4, 3)]
+        model = method.prepare(model, ctx).eval()
+        for site in method.gates:  # saliencies spread around the thresholds, not all near one value
+            site.gate.fc2.bias.data.normal_(1, 1, generator=generator)
+    blocks = method._block_chain(model, ctx)
+    assert blocks is not None and sum(len(b.gates) for b in blocks) == len(method.gates)
+    method._set_keep_rate(model, ctx, 0.5)
+    per_gate = _thresholds(method)
+    method._set_keep_rate(model, ctx, 0.5, blocks=blocks)
+    assert _thresholds(method) == per_gate
+    assert len(set(per_gate)) > 1
+
+
+def test_calibration_is_the_same_by_block_and_over_the_memory_cap():
+    """The whole calibration (search, measured reductions, top-1) is the same with the block inputs held
+    and with a cap that holds none (a pass per gate, what a model too large for the cap gets)."""
+    calibrations = {}
+    for cap in (ManiDP.calibration_cache_bytes, 0):
+        method = ManiDP(budget=0.5)
+        method.calibration_cache_bytes = cap
+        model, ctx = _chained_gated_model(method)
+        ctx.val_loader = ctx.val_loader[:2]
+        method.finalize(model, ctx)
+        calibrations[cap] = (method.calibration, method.final_metrics())
+    assert calibrations[ManiDP.calibration_cache_bytes] == calibrations[0]
+
+
+def test_calibration_passes_up_to_each_gate_where_blocks_do_not_chain():
+    """Blocks alone give the model's saliencies only when each block's input is the previous one's output,
+    unchanged: an in-place op between blocks, or a block that changes its input, sends the calibration the
+    long way, and the log says why."""
+    from manidp.methods.manidp.calibration import block_chain
+
+    method = ManiDP(budget=0.5)
+    model, ctx = _chained_gated_model(method)
+    images = ctx.val_loader[0][0]
+    blocks = [m for m in model.modules() if any(isinstance(c, type(method.gates[0])) for c in m.children())]
+    between = blocks[1].register_forward_pre_hook(lambda module, args: args[0].mul_(1.0))
+    assert block_chain(model, method.gates, images, contextlib.nullcontext) == (
+        "block 1's input is not block 0's output unchanged")
+    between.remove()
+    inside = blocks[2].conv1.register_forward_pre_hook(lambda module, args: args[0].add_(0.0))
+    assert block_chain(model, method.gates, images, contextlib.nullcontext) == "block 2 changes its input in place"
+    logged = []
+    ctx.log = logged.append
+    ctx.val_loader = ctx.val_loader[:1]
+    method.finalize(model, ctx)
+    inside.remove()
+    assert any("up to each gate (block 2 changes its input in place)" in line for line in logged), logged
+    assert abs(method.calibration["val_macs_reduction"] - 0.5) <= 0.01
+    assert isinstance(block_chain(model, method.gates, images, contextlib.nullcontext), list)
+
+
 def test_quantile_threshold_keeps_the_requested_share():
     values = torch.arange(1000, dtype=torch.float32).view(100, 10)
     for rate in (0.0, 0.25, 0.6, 1.0):

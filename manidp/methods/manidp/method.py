@@ -15,6 +15,7 @@ from manidp.gating import insert_gates
 from manidp.macs import InstanceMacs
 from manidp.methods._base import RunContext, default_param_groups
 from manidp.methods._gated import GatedMethod
+from manidp.methods.manidp.calibration import GatedBlock, block_chain, saliencies_by_block
 from manidp.methods.manidp.gate import SaliencyGate
 from manidp.methods.manidp.terms import (instance_weights, keep_rate_schedule, quantile_threshold, rank_threshold,
                                          similarity_loss, sparsity_loss)
@@ -59,6 +60,9 @@ class ManiDP(GatedMethod):
     #: Calibration stops when the validation reduction is this close to the budget.
     calibration_tolerance = 0.0025
     calibration_steps = 12
+    #: At most this many bytes of held block inputs and outputs while thresholds are set block by block
+    #: (:mod:`.calibration`); a model over it is calibrated by a validation pass up to each gate.
+    calibration_cache_bytes = 2 << 30
 
     def __init__(self, options: Optional[dict] = None, budget: Optional[float] = None):
         super().__init__(options, budget)
@@ -319,14 +323,38 @@ class ManiDP(GatedMethod):
             handle.remove()
         return torch.cat(collected)
 
-    def _set_keep_rate(self, model: nn.Module, ctx: RunContext, rate: float) -> None:
+    def _set_keep_rate(self, model: nn.Module, ctx: RunContext, rate: float,
+                       blocks: Optional[list[GatedBlock]] = None) -> None:
         """Thresholds for keep rate ``rate``, set in forward order: each layer's threshold is the
         ``(1 - rate)`` quantile of its validation saliencies *given the thresholds already set upstream*
-        (a gate's saliencies depend on every mask before it, so statistics taken once go stale)."""
+        (a gate's saliencies depend on every mask before it, so statistics taken once go stale).
+
+        With ``blocks`` (:func:`block_chain`) the saliencies come from each gated block run on its held
+        inputs (:mod:`.calibration`), the same bit for bit; otherwise, or over the memory cap, from a
+        validation pass up to each gate."""
         for site in self.gates:
             site.gate.threshold.fill_(-math.inf)
-        for index, site in enumerate(self.gates):
-            site.gate.threshold.fill_(float(quantile_threshold(self._layer_saliencies(model, ctx, index), rate)))
+
+        def set_threshold(index: int, saliencies: torch.Tensor) -> None:
+            self.gates[index].gate.threshold.fill_(float(quantile_threshold(saliencies, rate)))
+
+        model.eval()
+        if blocks is not None and saliencies_by_block(
+                model, self.gates, blocks, (images.to(ctx.device) for images, _ in ctx.val_loader), ctx.autocast,
+                set_threshold, self.calibration_cache_bytes):
+            return
+        for index in range(len(self.gates)):
+            set_threshold(index, self._layer_saliencies(model, ctx, index))
+
+    def _block_chain(self, model: nn.Module, ctx: RunContext) -> Optional[list[GatedBlock]]:
+        """The gated blocks, if calibration can run them alone (:func:`block_chain`); logs why not."""
+        model.eval()
+        images = next(iter(ctx.val_loader))[0].to(ctx.device)
+        blocks = block_chain(model, self.gates, images, ctx.autocast)
+        if isinstance(blocks, str):
+            ctx.log(f"manidp: calibration passes over the validation split up to each gate ({blocks})")
+            return None
+        return blocks
 
     def _calibrate(self, model: nn.Module, ctx: RunContext, record: bool = True) -> None:
         """Search one keep rate q (the fraction of channel-instances every gated layer keeps on the
@@ -334,8 +362,9 @@ class ManiDP(GatedMethod):
         counter = InstanceMacs(model, ctx.input_size, ctx.device)
         before_reduction, before_top1 = self.validation_pass(model, counter, ctx)
         # q = 0 prunes everything (reduction above the budget), q = 1 keeps all the ReLU left (below)
+        set_rate = functools.partial(self._set_keep_rate, model, ctx, blocks=self._block_chain(model, ctx))
         rate, measured = self.calibrate_budget(
-            model, ctx, functools.partial(self._set_keep_rate, model, ctx), above=0.0, below=1.0,
+            model, ctx, set_rate, above=0.0, below=1.0,
             steps=self.calibration_steps, tolerance=self.calibration_tolerance, secant=True, counter=counter)
         achieved, after_top1 = measured[rate]
         self.calibration = {

@@ -1,0 +1,191 @@
+"""Forward-order thresholds in one validation pass per gated block.
+
+Setting a layer's threshold needs every validation instance's saliencies at
+that layer with the thresholds upstream already set, so the gates are set one
+after another. Run from the images, that is a pass up to each gate: about half
+a model pass per gate, nine full passes for ResNet-20's 18 gates, for every
+keep rate the budget search tries. When each gated block's input is the
+previous gated block's output, untouched in between, the same saliencies come
+from the blocks alone: hold every batch's input to the current block, run the
+block on it once per gate in it (stopping at the gate), then once more with
+its thresholds set to get the next block's inputs. The block sees the same
+tensor the full forward gives it, so every saliency, and so every threshold,
+is bit for bit what the pass from the images gives (``tests/test_manidp.py``).
+
+:func:`block_chain` checks the condition on one batch and says why it does not
+hold; the held inputs are capped in bytes, and a model over the cap (ImageNet's
+early blocks at 224 px) is set by the passes from the images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["GatedBlock", "block_chain", "saliencies_by_block"]
+
+
+class _Stop(Exception):
+    """Ends a forward at the point whose tensors are being collected."""
+
+
+@dataclass
+class GatedBlock:
+    """A module holding gates, with the indices of those gates in the forward order list."""
+
+    module: nn.Module
+    gates: list[int]
+    #: bytes of one instance's input and output (both are held while the block runs)
+    bytes_per_instance: int = 0
+
+
+def _blocks(model: nn.Module, gates: Sequence[nn.Module]) -> Union[list[GatedBlock], str]:
+    """Each gate's parent module, consecutive gates of one parent grouped; or why that is not a chain."""
+    index = {id(gate): i for i, gate in enumerate(gates)}
+    parents: dict[int, nn.Module] = {}
+    for module in model.modules():
+        for child in module.children():
+            if id(child) in index:
+                parents[index[id(child)]] = module
+    if len(parents) != len(gates):
+        return "a gate is not a child of a module of the model"
+    blocks: list[GatedBlock] = []
+    for i in range(len(gates)):
+        if blocks and blocks[-1].module is parents[i]:
+            blocks[-1].gates.append(i)
+        elif any(b.module is parents[i] for b in blocks):
+            return "a block's gates are not consecutive in forward order"
+        else:
+            blocks.append(GatedBlock(parents[i], [i]))
+    return blocks
+
+
+@torch.no_grad()
+def block_chain(model: nn.Module, gates: Sequence[nn.Module], images: torch.Tensor,
+                autocast: Callable) -> Union[list[GatedBlock], str]:
+    """The gated blocks in forward order if each is run once a forward, on one tensor argument, that is
+    the previous gated block's output unchanged, and none changes its input in place; else why not.
+
+    Checked on one forward of ``images`` (eval mode): the tensor a block receives must be the very
+    object the previous block returned, at the same version counter (no in-place op in between).
+    """
+    blocks = _blocks(model, gates)
+    if isinstance(blocks, str):
+        return blocks
+    seen: list[list] = [[] for _ in blocks]  # per block: [(input, its version), (output, its version)]
+    problems: list[str] = []
+
+    def before(j):
+        def hook(module, args, kwargs):
+            if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+                problems.append(f"block {j} is called with other than one tensor")
+            else:
+                seen[j].append([(args[0], args[0]._version)])
+        return hook
+
+    def after(j):
+        def hook(module, args, output):
+            if not isinstance(output, torch.Tensor) or not seen[j]:
+                problems.append(f"block {j} does not return one tensor")
+                return
+            given, version = seen[j][-1][0]
+            if given._version != version:
+                problems.append(f"block {j} changes its input in place")
+            seen[j][-1].append((output, output._version))
+        return hook
+
+    handles = []
+    try:
+        for j, block in enumerate(blocks):
+            handles.append(block.module.register_forward_pre_hook(before(j), with_kwargs=True))
+            handles.append(block.module.register_forward_hook(after(j)))
+        with autocast():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if problems:
+        return problems[0]
+    for j, calls in enumerate(seen):
+        if len(calls) != 1 or len(calls[0]) != 2:
+            return f"block {j} runs {len(calls)} times a forward"
+    batch = len(images)
+    for j, block in enumerate(blocks):
+        (given, _), (output, _) = seen[j][0]
+        block.bytes_per_instance = (given.numel() * given.element_size()
+                                    + output.numel() * output.element_size()) // batch
+        if j:
+            previous, version = seen[j - 1][0][1]
+            if given is not previous or given._version != version:
+                return f"block {j}'s input is not block {j - 1}'s output unchanged"
+    return blocks
+
+
+def _run(module: nn.Module, stop_at: nn.Module, inputs, autocast: Callable, collect) -> None:
+    """``module`` on each input, ended where ``stop_at`` returns; ``collect(stop_at, output)`` before that."""
+    def stop(hooked, args, output):
+        collect(hooked, output)
+        raise _Stop
+
+    handle = stop_at.register_forward_hook(stop)
+    try:
+        for x in inputs:
+            try:
+                with autocast():
+                    module(x)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def saliencies_by_block(model: nn.Module, gates: Sequence[nn.Module], blocks: list[GatedBlock],
+                        batches: Iterable[torch.Tensor], autocast: Callable, set_threshold: Callable,
+                        max_bytes: int) -> bool:
+    """Set every gate's threshold in forward order, ``set_threshold(index, saliencies)`` with the
+    ``[N, C]`` validation saliencies at that gate, running each gated block on its held inputs.
+
+    Returns False, having set nothing, when the held inputs would pass ``max_bytes``.
+    """
+    widest = max(block.bytes_per_instance for block in blocks)
+    held: list[torch.Tensor] = []
+    count = 0
+
+    def hold(module, x):
+        held.append(x)
+
+    def stop_before(module, args):
+        hold(module, args[0])
+        raise _Stop
+
+    handle = blocks[0].module.register_forward_pre_hook(stop_before)
+    try:
+        for images in batches:
+            count += len(images)
+            if count * widest > max_bytes:
+                return False
+            try:
+                with autocast():
+                    model(images)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+
+    for j, block in enumerate(blocks):
+        for index in block.gates:
+            collected: list[torch.Tensor] = []
+            _run(block.module, gates[index].gate, held, autocast,
+                 lambda gate, _: collected.append(gate.saliency.detach().float()))
+            set_threshold(index, torch.cat(collected))
+        if j + 1 < len(blocks):
+            outputs = []
+            for x in held:
+                with autocast():
+                    outputs.append(block.module(x))
+            held = outputs
+    return True
+
