@@ -420,27 +420,38 @@ def test_thresholds_set_block_by_block_equal_a_pass_per_gate_bit_for_bit(backbon
         model = method.prepare(model, ctx).eval()
         for site in method.gates:  # saliencies spread around the thresholds, not all near one value
             site.gate.fc2.bias.data.normal_(1, 1, generator=generator)
-    blocks = method._block_chain(model, ctx)
-    assert blocks is not None and sum(len(b.gates) for b in blocks) == len(method.gates)
+    held = method._held_blocks(model, ctx)
+    assert held is not None and held[1] == 0 and sum(len(b.gates) for b in held[0]) == len(method.gates)
     method._set_keep_rate(model, ctx, 0.5)
     per_gate = _thresholds(method)
-    method._set_keep_rate(model, ctx, 0.5, blocks=blocks)
+    method._set_keep_rate(model, ctx, 0.5, held=held)
     assert _thresholds(method) == per_gate
     assert len(set(per_gate)) > 1
 
 
-def test_calibration_is_the_same_by_block_and_over_the_memory_cap():
-    """The whole calibration (search, measured reductions, top-1) is the same with the block inputs held
-    and with a cap that holds none (a pass per gate, what a model too large for the cap gets)."""
-    calibrations = {}
-    for cap in (ManiDP.calibration_cache_bytes, 0):
+def test_calibration_is_the_same_whichever_blocks_fit_the_memory_cap():
+    """The whole calibration (search, measured reductions, top-1) is the same with every block's inputs
+    held, with only the last stage's (the earlier gates by passes from the images, as ImageNet's early
+    blocks at 224 px) and with none (a pass per gate)."""
+    calibrations, logs = [], []
+    for cap in ("all", "last stage", 0):
         method = ManiDP(budget=0.5)
-        method.calibration_cache_bytes = cap
         model, ctx = _chained_gated_model(method)
         ctx.val_loader = ctx.val_loader[:2]
+        if cap == "last stage":  # ResNet-20's last stage: 16 x 4 x 4 maps of 64 channels at 16 px
+            cap = 128 * min(b.bytes_per_instance for b in method._held_blocks(model, ctx)[0])
+        if cap != "all":
+            method.calibration_cache_bytes = cap
+        held = method._held_blocks(model, ctx)
+        logs.append([])
+        ctx.log = logs[-1].append
         method.finalize(model, ctx)
-        calibrations[cap] = (method.calibration, method.final_metrics())
-    assert calibrations[ManiDP.calibration_cache_bytes] == calibrations[0]
+        calibrations.append((held and held[1], method.calibration, method.final_metrics()))
+    assert [start for start, _, _ in calibrations] == [0, 7, None]
+    assert calibrations[0][1:] == calibrations[1][1:] == calibrations[2][1:]
+    assert any("up to each of the first 14 gates" in line for line in logs[1]), logs[1]
+    assert any("up to each gate (every gated block's inputs for 128 instances are over 0 bytes)" in line
+               for line in logs[2]), logs[2]
 
 
 def test_calibration_passes_up_to_each_gate_where_blocks_do_not_chain():

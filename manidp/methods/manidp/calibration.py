@@ -4,17 +4,20 @@ Setting a layer's threshold needs every validation instance's saliencies at
 that layer with the thresholds upstream already set, so the gates are set one
 after another. Run from the images, that is a pass up to each gate: about half
 a model pass per gate, nine full passes for ResNet-20's 18 gates, for every
-keep rate the budget search tries. When each gated block's input is the
-previous gated block's output, untouched in between, the same saliencies come
-from the blocks alone: hold every batch's input to the current block, run the
-block on it once per gate in it (stopping at the gate), then once more with
-its thresholds set to get the next block's inputs. The block sees the same
-tensor the full forward gives it, so every saliency, and so every threshold,
-is bit for bit what the pass from the images gives (``tests/test_manidp.py``).
+keep rate the budget search tries, each reading the validation images again.
+When each gated block's input is the previous gated block's output, untouched
+in between, the same saliencies come from the blocks alone: hold every batch's
+input to the current block, run the block on it once per gate in it (stopping
+at the gate), then once more with its thresholds set to get the next block's
+inputs. The block sees the same tensor the full forward gives it, so every
+saliency, and so every threshold, is bit for bit what the pass from the
+images gives (``tests/test_manidp.py``).
 
 :func:`block_chain` checks the condition on one batch and says why it does not
-hold; the held inputs are capped in bytes, and a model over the cap (ImageNet's
-early blocks at 224 px) is set by the passes from the images.
+hold. The held inputs are capped in bytes: where the early blocks' inputs are
+over the cap (ImageNet's at 224 px), their gates are set by passes from the
+images, which stop early and so cost little, and the blocks from
+:func:`first_held_block` on are run alone.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["GatedBlock", "block_chain", "saliencies_by_block"]
+__all__ = ["GatedBlock", "block_chain", "first_held_block", "saliencies_by_block"]
 
 
 class _Stop(Exception):
@@ -141,32 +144,33 @@ def _run(module: nn.Module, stop_at: nn.Module, inputs, autocast: Callable, coll
         handle.remove()
 
 
+def first_held_block(blocks: list[GatedBlock], instances: int, max_bytes: int) -> Optional[int]:
+    """The first block from which every block's inputs and outputs for ``instances`` instances fit in
+    ``max_bytes``; None when not even the last block's do."""
+    for start in range(len(blocks)):
+        if instances * max(block.bytes_per_instance for block in blocks[start:]) <= max_bytes:
+            return start
+    return None
+
+
 @torch.no_grad()
 def saliencies_by_block(model: nn.Module, gates: Sequence[nn.Module], blocks: list[GatedBlock],
                         batches: Iterable[torch.Tensor], autocast: Callable, set_threshold: Callable,
-                        max_bytes: int) -> bool:
-    """Set every gate's threshold in forward order, ``set_threshold(index, saliencies)`` with the
-    ``[N, C]`` validation saliencies at that gate, running each gated block on its held inputs.
-
-    Returns False, having set nothing, when the held inputs would pass ``max_bytes``.
+                        start: int = 0) -> None:
+    """Set the thresholds of the gates in ``blocks[start:]`` in forward order, ``set_threshold(index,
+    saliencies)`` with the ``[N, C]`` validation saliencies at that gate, running each block on its held
+    inputs. Every gate before them must be set already: one pass from ``batches`` (the images) up to
+    ``blocks[start]`` gives its inputs.
     """
-    widest = max(block.bytes_per_instance for block in blocks)
     held: list[torch.Tensor] = []
-    count = 0
-
-    def hold(module, x):
-        held.append(x)
 
     def stop_before(module, args):
-        hold(module, args[0])
+        held.append(args[0])
         raise _Stop
 
-    handle = blocks[0].module.register_forward_pre_hook(stop_before)
+    handle = blocks[start].module.register_forward_pre_hook(stop_before)
     try:
         for images in batches:
-            count += len(images)
-            if count * widest > max_bytes:
-                return False
             try:
                 with autocast():
                     model(images)
@@ -175,7 +179,8 @@ def saliencies_by_block(model: nn.Module, gates: Sequence[nn.Module], blocks: li
     finally:
         handle.remove()
 
-    for j, block in enumerate(blocks):
+    for j in range(start, len(blocks)):
+        block = blocks[j]
         for index in block.gates:
             collected: list[torch.Tensor] = []
             _run(block.module, gates[index].gate, held, autocast,
@@ -187,5 +192,3 @@ def saliencies_by_block(model: nn.Module, gates: Sequence[nn.Module], blocks: li
                 with autocast():
                     outputs.append(block.module(x))
             held = outputs
-    return True
-

@@ -15,7 +15,7 @@ from manidp.gating import insert_gates
 from manidp.macs import InstanceMacs
 from manidp.methods._base import RunContext, default_param_groups
 from manidp.methods._gated import GatedMethod
-from manidp.methods.manidp.calibration import GatedBlock, block_chain, saliencies_by_block
+from manidp.methods.manidp.calibration import GatedBlock, block_chain, first_held_block, saliencies_by_block
 from manidp.methods.manidp.gate import SaliencyGate
 from manidp.methods.manidp.terms import (instance_weights, keep_rate_schedule, quantile_threshold, rank_threshold,
                                          similarity_loss, sparsity_loss)
@@ -61,7 +61,7 @@ class ManiDP(GatedMethod):
     calibration_tolerance = 0.0025
     calibration_steps = 12
     #: At most this many bytes of held block inputs and outputs while thresholds are set block by block
-    #: (:mod:`.calibration`); a model over it is calibrated by a validation pass up to each gate.
+    #: (:mod:`.calibration`); the gates of blocks over it are set by a validation pass up to each.
     calibration_cache_bytes = 2 << 30
 
     def __init__(self, options: Optional[dict] = None, budget: Optional[float] = None):
@@ -324,14 +324,15 @@ class ManiDP(GatedMethod):
         return torch.cat(collected)
 
     def _set_keep_rate(self, model: nn.Module, ctx: RunContext, rate: float,
-                       blocks: Optional[list[GatedBlock]] = None) -> None:
+                       held: Optional[tuple[list[GatedBlock], int]] = None) -> None:
         """Thresholds for keep rate ``rate``, set in forward order: each layer's threshold is the
         ``(1 - rate)`` quantile of its validation saliencies *given the thresholds already set upstream*
         (a gate's saliencies depend on every mask before it, so statistics taken once go stale).
 
-        With ``blocks`` (:func:`block_chain`) the saliencies come from each gated block run on its held
-        inputs (:mod:`.calibration`), the same bit for bit; otherwise, or over the memory cap, from a
-        validation pass up to each gate."""
+        With ``held`` (:meth:`_held_blocks`: the gated blocks and the first whose inputs are held) the
+        saliencies of that block's gates and every later one's come from each block run alone on its held
+        inputs (:mod:`.calibration`), the same bit for bit; the others' from a validation pass up to each
+        gate."""
         for site in self.gates:
             site.gate.threshold.fill_(-math.inf)
 
@@ -339,22 +340,35 @@ class ManiDP(GatedMethod):
             self.gates[index].gate.threshold.fill_(float(quantile_threshold(saliencies, rate)))
 
         model.eval()
-        if blocks is not None and saliencies_by_block(
-                model, self.gates, blocks, (images.to(ctx.device) for images, _ in ctx.val_loader), ctx.autocast,
-                set_threshold, self.calibration_cache_bytes):
-            return
-        for index in range(len(self.gates)):
+        blocks, start = held or ([], 0)
+        for index in range(blocks[start].gates[0] if blocks else len(self.gates)):
             set_threshold(index, self._layer_saliencies(model, ctx, index))
+        if blocks:
+            saliencies_by_block(model, self.gates, blocks, (images.to(ctx.device) for images, _ in ctx.val_loader),
+                                ctx.autocast, set_threshold, start)
 
-    def _block_chain(self, model: nn.Module, ctx: RunContext) -> Optional[list[GatedBlock]]:
-        """The gated blocks, if calibration can run them alone (:func:`block_chain`); logs why not."""
+    def _held_blocks(self, model: nn.Module, ctx: RunContext) -> Optional[tuple[list[GatedBlock], int]]:
+        """The gated blocks and the first of them whose validation inputs calibration holds (the blocks
+        from there on chain, :func:`block_chain`, and fit in ``calibration_cache_bytes``); None to set
+        every gate by passes from the images. Logs what takes the long way, and why."""
         model.eval()
         images = next(iter(ctx.val_loader))[0].to(ctx.device)
         blocks = block_chain(model, self.gates, images, ctx.autocast)
         if isinstance(blocks, str):
             ctx.log(f"manidp: calibration passes over the validation split up to each gate ({blocks})")
             return None
-        return blocks
+        loader = ctx.val_loader
+        instances = len(loader.dataset) if hasattr(loader, "dataset") else sum(len(b[0]) for b in loader)
+        start = first_held_block(blocks, instances, self.calibration_cache_bytes)
+        if start is None:
+            ctx.log(f"manidp: calibration passes over the validation split up to each gate (every gated "
+                    f"block's inputs for {instances} instances are over {self.calibration_cache_bytes} bytes)")
+            return None
+        if start:
+            ctx.log(f"manidp: calibration passes over the validation split up to each of the first "
+                    f"{blocks[start].gates[0]} gates (their blocks' inputs for {instances} instances are over "
+                    f"{self.calibration_cache_bytes} bytes); the rest block by block")
+        return blocks, start
 
     def _calibrate(self, model: nn.Module, ctx: RunContext, record: bool = True) -> None:
         """Search one keep rate q (the fraction of channel-instances every gated layer keeps on the
@@ -362,7 +376,7 @@ class ManiDP(GatedMethod):
         counter = InstanceMacs(model, ctx.input_size, ctx.device)
         before_reduction, before_top1 = self.validation_pass(model, counter, ctx)
         # q = 0 prunes everything (reduction above the budget), q = 1 keeps all the ReLU left (below)
-        set_rate = functools.partial(self._set_keep_rate, model, ctx, blocks=self._block_chain(model, ctx))
+        set_rate = functools.partial(self._set_keep_rate, model, ctx, held=self._held_blocks(model, ctx))
         rate, measured = self.calibrate_budget(
             model, ctx, set_rate, above=0.0, below=1.0,
             steps=self.calibration_steps, tolerance=self.calibration_tolerance, secant=True, counter=counter)
