@@ -39,16 +39,17 @@ from manidp.models import build_backbone
 
 
 def _model(run: str | None, budget: float):
-    """(model, method, config) of a finished manidp run, or the digits-c recipe's backbone freshly gated."""
+    """(model, method, config, dense MACs) of a finished manidp run, or of the digits-c recipe's backbone
+    to be gated (model and MACs None)."""
     if run:
-        model, method, cfg, _ = load_model(run)
+        model, method, cfg, saved = load_model(run)
         if not hasattr(method, "_calibrate"):
             raise UserError(f"{run} is a {cfg['method']} run; this benchmark times ManiDP's calibration")
-        return model, method, cfg
+        return model, method, cfg, saved["dense_macs"]  # the gated model's own count would include its gates
     load_all()
     cfg = resolve(flags={"dataset": "digits-c", "method": "manidp", "budget": budget})
     method = METHODS.get("manidp")(cfg["method_options"], budget)
-    return None, method, cfg
+    return None, method, cfg, None
 
 
 def main(argv=None) -> int:
@@ -63,25 +64,26 @@ def main(argv=None) -> int:
         parser.error("--threads and --repeats must be >= 1, --budget in (0, 1)")
     torch.set_num_threads(args.threads)
     try:
-        model, method, cfg = _model(args.run, args.budget)
+        model, method, cfg, dense_macs = _model(args.run, args.budget)
         data = {**cfg["data"], **({"max_eval": args.max_eval} if args.max_eval else {})}
         splits = build_dataset(cfg["dataset"], data, seed=cfg["seed"])
     except UserError as err:
         print(f"calibration.py: {err}", file=sys.stderr)
         return 2
-    dense_macs = None
-    if model is None:
+    fresh = model is None
+    if fresh:
         torch.manual_seed(cfg["seed"])
         model = build_backbone(cfg["backbone"], splits.num_classes, splits.input_size[0])
         dense_macs = count_macs(model, splits.input_size)
     loader = DataLoader(splits.val, batch_size=cfg["train"]["eval_batch_size"], shuffle=False)
     ctx = RunContext(config=cfg, device=torch.device("cpu"), input_size=splits.input_size,
-                     num_classes=splits.num_classes, dense_macs=dense_macs or count_macs(model, splits.input_size),
+                     num_classes=splits.num_classes, dense_macs=dense_macs,
                      epochs=cfg["train"]["epochs"], steps_per_epoch=1, val_loader=loader,
                      autocast=contextlib.nullcontext, log=lambda _: None)
-    if dense_macs is not None:
+    if fresh:
         model = method.prepare(model, ctx)
     model.eval()
+    held = method._held_blocks(model, ctx)  # what the default cap holds: the JSON says from which gate on
     trained = [float(site.gate.threshold) for site in method.gates]
     cap = type(method).calibration_cache_bytes
     ways = {"by_block": cap, "per_gate": 0}
@@ -115,6 +117,7 @@ def main(argv=None) -> int:
     print(json.dumps({
         "model": args.run or f"{cfg['backbone']} freshly gated", "budget": method.budget,
         "validation_images": len(splits.val), "gates": len(method.gates), "threads": args.threads,
+        "held_from_gate": held and held[0][held[1]].gates[0], "cap_bytes": cap,
         "keep_rates_tried": settings["by_block"], "by_block_s": round(medians["by_block"], 3),
         "per_gate_s": round(medians["per_gate"], 3), "ratio": round(medians["by_block"] / medians["per_gate"], 3),
         "identical_calibration": equal, "keep_rate": results["by_block"]["keep_rate"],

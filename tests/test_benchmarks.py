@@ -154,9 +154,12 @@ def test_calibration_times_both_ways_on_a_trained_run_and_checks_they_agree(tmp_
     run = trained_manidp_run(tmp_path_factory, data_cache, dense_run)
     capsys.readouterr()  # the training's log, when this test trained the run
     script = _script("calibration")
-    assert script.main(["--run", str(run), "--repeats", "1", "--max-eval", "64"]) == 0
+    assert script.main(["--run", str(run), "--repeats", "1"]) == 0
     row = json.loads(capsys.readouterr().out)
-    assert row["identical_calibration"] is True and row["validation_images"] == 64 and row["gates"] == 18
+    assert row["identical_calibration"] is True and row["validation_images"] == 256 and row["gates"] == 18
+    assert row["held_from_gate"] == 0  # digits-c's blocks all fit the default cap
+    # the run's own calibration, redone: the same validation images, MACs reference and search
+    assert row["keep_rate"] == json.loads((run / "metrics.json").read_text())["calibrated_keep_rate"]
     assert row["keep_rates_tried"] >= 1 and row["by_block_s"] > 0 and row["per_gate_s"] > 0
     assert script.main(["--run", str(dense_run)]) == 2
     assert "is a dense run; this benchmark times ManiDP's calibration" in capsys.readouterr().err
