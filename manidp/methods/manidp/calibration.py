@@ -116,12 +116,12 @@ def block_chain(model: nn.Module, gates: Sequence[nn.Module], images: torch.Tens
             return f"block {j} runs {len(calls)} times a forward"
     batch = len(images)
     for j, block in enumerate(blocks):
-        (given, _), (output, _) = seen[j][0]
+        (given, given_version), (output, _) = seen[j][0]
         block.bytes_per_instance = (given.numel() * given.element_size()
                                     + output.numel() * output.element_size()) // batch
         if j:
             previous, version = seen[j - 1][0][1]
-            if given is not previous or given._version != version:
+            if given is not previous or given_version != version:
                 return f"block {j}'s input is not block {j - 1}'s output unchanged"
     return blocks
 
