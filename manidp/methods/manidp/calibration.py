@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["GatedBlock", "block_chain", "first_held_block", "saliencies_by_block"]
+__all__ = ["GatedBlock", "block_chain", "first_held_block", "saliencies_at", "saliencies_by_block"]
 
 
 class _Stop(Exception):
@@ -77,26 +77,28 @@ def block_chain(model: nn.Module, gates: Sequence[nn.Module], images: torch.Tens
     blocks = _blocks(model, gates)
     if isinstance(blocks, str):
         return blocks
-    seen: list[list] = [[] for _ in blocks]  # per block: [(input, its version), (output, its version)]
+    calls = [0] * len(blocks)
+    given: dict[int, tuple[torch.Tensor, int]] = {}  # block -> (its input, the version it was called with)
+    returned: dict[int, tuple[torch.Tensor, int]] = {}  # block -> (its output, the version it returned)
     problems: list[str] = []
 
     def before(j):
         def hook(module, args, kwargs):
+            calls[j] += 1
             if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
                 problems.append(f"block {j} is called with other than one tensor")
             else:
-                seen[j].append([(args[0], args[0]._version)])
+                given[j] = (args[0], args[0]._version)
         return hook
 
     def after(j):
         def hook(module, args, output):
-            if not isinstance(output, torch.Tensor) or not seen[j]:
+            if not isinstance(output, torch.Tensor) or j not in given:
                 problems.append(f"block {j} does not return one tensor")
                 return
-            given, version = seen[j][-1][0]
-            if given._version != version:
+            if given[j][0]._version != given[j][1]:
                 problems.append(f"block {j} changes its input in place")
-            seen[j][-1].append((output, output._version))
+            returned[j] = (output, output._version)
         return hook
 
     handles = []
@@ -111,28 +113,29 @@ def block_chain(model: nn.Module, gates: Sequence[nn.Module], images: torch.Tens
             handle.remove()
     if problems:
         return problems[0]
-    for j, calls in enumerate(seen):
-        if len(calls) != 1 or len(calls[0]) != 2:
-            return f"block {j} runs {len(calls)} times a forward"
-    batch = len(images)
+    for j, count in enumerate(calls):
+        if count != 1:
+            return f"block {j} runs {count} times a forward"
     for j, block in enumerate(blocks):
-        (given, given_version), (output, _) = seen[j][0]
-        block.bytes_per_instance = (given.numel() * given.element_size()
-                                    + output.numel() * output.element_size()) // batch
-        if j:
-            previous, version = seen[j - 1][0][1]
-            if given is not previous or given_version != version:
-                return f"block {j}'s input is not block {j - 1}'s output unchanged"
+        (x, version), (output, _) = given[j], returned[j]
+        block.bytes_per_instance = (x.numel() * x.element_size() + output.numel() * output.element_size()) // len(x)
+        if j and (x is not returned[j - 1][0] or version != returned[j - 1][1]):
+            return f"block {j}'s input is not block {j - 1}'s output unchanged"
     return blocks
 
 
-def _run(module: nn.Module, stop_at: nn.Module, inputs, autocast: Callable, collect) -> None:
-    """``module`` on each input, ended where ``stop_at`` returns; ``collect(stop_at, output)`` before that."""
+@torch.no_grad()
+def saliencies_at(module: nn.Module, gate: nn.Module, inputs: Iterable[torch.Tensor],
+                  autocast: Callable) -> torch.Tensor:
+    """``gate``'s saliencies ``[N, C]`` (fp32) over ``module`` run on each input; each forward ends
+    where the gate returns (what follows cannot change them)."""
+    collected: list[torch.Tensor] = []
+
     def stop(hooked, args, output):
-        collect(hooked, output)
+        collected.append(hooked.saliency.detach().float())
         raise _Stop
 
-    handle = stop_at.register_forward_hook(stop)
+    handle = gate.register_forward_hook(stop)
     try:
         for x in inputs:
             try:
@@ -142,6 +145,7 @@ def _run(module: nn.Module, stop_at: nn.Module, inputs, autocast: Callable, coll
                 pass
     finally:
         handle.remove()
+    return torch.cat(collected)
 
 
 def first_held_block(blocks: list[GatedBlock], instances: int, max_bytes: int) -> Optional[int]:
@@ -182,10 +186,7 @@ def saliencies_by_block(model: nn.Module, gates: Sequence[nn.Module], blocks: li
     for j in range(start, len(blocks)):
         block = blocks[j]
         for index in block.gates:
-            collected: list[torch.Tensor] = []
-            _run(block.module, gates[index].gate, held, autocast,
-                 lambda gate, _: collected.append(gate.saliency.detach().float()))
-            set_threshold(index, torch.cat(collected))
+            set_threshold(index, saliencies_at(block.module, gates[index].gate, held, autocast))
         if j + 1 < len(blocks):
             outputs = []
             for x in held:

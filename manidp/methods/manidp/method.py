@@ -15,16 +15,13 @@ from manidp.gating import insert_gates
 from manidp.macs import InstanceMacs
 from manidp.methods._base import RunContext, default_param_groups
 from manidp.methods._gated import GatedMethod
-from manidp.methods.manidp.calibration import GatedBlock, block_chain, first_held_block, saliencies_by_block
+from manidp.methods.manidp.calibration import (GatedBlock, block_chain, first_held_block, saliencies_at,
+                                               saliencies_by_block)
 from manidp.methods.manidp.gate import SaliencyGate
 from manidp.methods.manidp.terms import (instance_weights, keep_rate_schedule, quantile_threshold, rank_threshold,
                                          similarity_loss, sparsity_loss)
 
 __all__ = ["ManiDP"]
-
-
-class _StopForward(Exception):
-    """Ends a calibration forward at the gate whose statistics are being collected."""
 
 
 class ManiDP(GatedMethod):
@@ -300,28 +297,12 @@ class ManiDP(GatedMethod):
             self._calibrate(model, ctx)
         return model
 
-    @torch.no_grad()
     def _layer_saliencies(self, model: nn.Module, ctx: RunContext, index: int) -> torch.Tensor:
         """Every validation instance's saliencies ``[N, C]`` at gate ``index``, with the current upstream
-        thresholds in place; the forward stops at that gate (what follows cannot change it)."""
+        thresholds in place: a pass from the images that stops at that gate."""
         model.eval()
-        collected = []
-
-        def stop(module, args, output):
-            collected.append(module.saliency.detach().float())
-            raise _StopForward
-
-        handle = self.gates[index].gate.register_forward_hook(stop)
-        try:
-            for images, _ in ctx.val_loader:
-                try:
-                    with ctx.autocast():
-                        model(images.to(ctx.device))
-                except _StopForward:
-                    pass
-        finally:
-            handle.remove()
-        return torch.cat(collected)
+        return saliencies_at(model, self.gates[index].gate, (images.to(ctx.device) for images, _ in ctx.val_loader),
+                             ctx.autocast)
 
     def _set_keep_rate(self, model: nn.Module, ctx: RunContext, rate: float,
                        held: Optional[tuple[list[GatedBlock], int]] = None) -> None:
